@@ -1,0 +1,11 @@
+"""promptcontrol: record, reweight and swap the cross-attention of Stable Diffusion pipelines in diffusers."""
+
+from .context import BatchLayout, RunInfo, StepContext
+from .controllers.base import Controller, PassThrough
+from .plan import AttentionPlan, AttentionTerm
+from .session import Session, SessionError, control
+from .sites import AttentionSite, find_sites
+
+from . import testing  # noqa: E402  (tiny offline pipelines)
+
+__version__ = "0.1.0"

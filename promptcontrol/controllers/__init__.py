@@ -1,0 +1,3 @@
+"""Controllers: one file per controller, each a small class over pure tensor functions."""
+
+from .base import Controller, PassThrough, check_controller

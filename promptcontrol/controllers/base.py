@@ -1,0 +1,96 @@
+"""The controller protocol: what a controller may say at each attention site and step.
+
+A controller is consulted by the processor of every site it ``applies_to``. At each call it can
+
+* change the fused :class:`~promptcontrol.plan.AttentionPlan` (``plan``): per-token value scales, logit biases,
+  token-mixing maps, or queries/keys taken from another batch row — all run on SDPA kernels;
+* ask for the explicit attention probabilities (``wants_probs`` → ``record``), which makes that one site
+  compute softmax explicitly at that step;
+* change the text features going into the UNet (``transform_context``) or the latents after each scheduler
+  step (``transform_latents``).
+
+Order: controllers are consulted in the order given to :func:`promptcontrol.control`; each ``plan`` receives the
+plan the previous one returned (so a reweight given after a replace scales the replaced map, as in
+prompt-to-prompt). Recorders see each row's own probabilities, before any controller changed them.
+Per-call tensors (a weight vector, a token map) should be built once per step in ``begin_step`` and reused at
+every site, not rebuilt per layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..context import StepContext
+from ..plan import AttentionPlan
+from ..sites import AttentionSite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..session import Session
+
+
+class Controller:
+    """Base class of every controller; every hook is optional and does nothing by default."""
+
+    def applies_to(self, site: AttentionSite) -> bool:
+        """Whether this controller acts at ``site`` at all (decided once, when the session installs)."""
+        return site.kind == "cross"
+
+    def bind(self, session: "Session") -> None:
+        """Called once when the session installs; validate against ``session.pipe`` / tokenizer here."""
+
+    def unbind(self) -> None:
+        """Called once when the session ends (normally or not); drop references to the session here."""
+
+    def begin_step(self, ctx: StepContext) -> None:
+        """Called before each UNet call."""
+
+    def end_step(self, ctx: StepContext) -> None:
+        """Called after each UNet call."""
+
+    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Text features ``(B, K, D)`` going into the UNet at this step; return them changed or as they are."""
+        return encoder_hidden_states
+
+    def transform_latents(self, ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B_images, C, h, w)`` right after the scheduler step; return them changed or as they are."""
+        return latents
+
+    def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
+        """Whether this site must materialise its probabilities at this step (for :meth:`record`)."""
+        return False
+
+    def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor) -> None:
+        """Receive the probabilities ``(B, heads, Q, K)`` (float32; each row's own attention, rows sum to 1)."""
+
+    def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
+        """The fused plan at this site and step, given the plan so far."""
+        return plan
+
+    @property
+    def uses_latents(self) -> bool:
+        """Whether :meth:`transform_latents` is overridden (the session then wraps the scheduler step)."""
+        return type(self).transform_latents is not Controller.transform_latents
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether :meth:`transform_context` is overridden."""
+        return type(self).transform_context is not Controller.transform_context
+
+
+class PassThrough(Controller):
+    """Acts at every site (self- and cross-attention) and changes nothing: the benchmark of pure overhead."""
+
+    def applies_to(self, site: AttentionSite) -> bool:
+        return True
+
+
+def check_controller(obj: object) -> Controller:
+    """``obj`` if it is a controller, else a ``TypeError`` saying what is accepted."""
+    if not isinstance(obj, Controller):
+        raise TypeError(
+            f"expected a promptcontrol controller (a subclass of promptcontrol.Controller, e.g. "
+            f"pc.AttentionStore, pc.Reweight, pc.Replace), got {type(obj).__name__}: {obj!r}"
+        )
+    return obj

@@ -1,0 +1,135 @@
+"""The fused attention plan: what a site computes, expressed so that SDPA kernels can run it.
+
+Every edit of prompt-to-prompt is linear in the attention map with per-token coefficients, so it can be run by
+transforming values (and choosing which row's queries and keys to use) instead of materialising the map::
+
+    out[b] = sum over terms t of  softmax(q[r_t(b)] k[r_t(b)]^T / sqrt(d) + mask + bias_t[b]) @ V_t[b]
+    V_t[b] = value_map_t[b] @ (value_scale_t[b] * v[b])          (scale per token, then token mixing)
+
+Shapes: B batch rows, K text tokens (keys), d head dim. ``qk_rows`` (B,) picks, for each output row, the row
+whose queries and keys the term uses (``None``: its own). ``value_scale`` (B, K) scales each token's value;
+``value_map`` (B, K_keys, K) mixes the output row's token values into the key row's token space; ``logit_bias``
+(B, K_keys) is added to the logits (``log w`` gives a renormalised reweight). See DESIGN.md for the identities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionTerm:
+    """One SDPA call of a plan; every field ``None`` means plain attention of each row to itself."""
+
+    qk_rows: torch.Tensor | None = None  # (B,) long
+    value_scale: torch.Tensor | None = None  # (B, K)
+    value_map: torch.Tensor | None = None  # (B, K_keys, K)
+    logit_bias: torch.Tensor | None = None  # (B, K_keys)
+
+    @property
+    def is_plain(self) -> bool:
+        return self.qk_rows is None and self.value_scale is None and self.value_map is None and self.logit_bias is None
+
+    def scaled(self, scale: torch.Tensor) -> "AttentionTerm":
+        """This term with every value additionally scaled per token: ``scale`` (B, K)."""
+        new = scale if self.value_scale is None else self.value_scale * scale
+        return replace(self, value_scale=new)
+
+    def biased(self, bias: torch.Tensor) -> "AttentionTerm":
+        """This term with ``bias`` (B, K_keys) added to its logits."""
+        new = bias if self.logit_bias is None else self.logit_bias + bias
+        return replace(self, logit_bias=new)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The output of a site is the sum of its terms. The identity plan is one plain term."""
+
+    terms: tuple[AttentionTerm, ...] = field(default=(AttentionTerm(),))
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.terms) == 1 and self.terms[0].is_plain
+
+    def scaled(self, scale: torch.Tensor) -> "AttentionPlan":
+        """Every term's values scaled per token (the P2P equalizer: attention × w, not renormalised)."""
+        return AttentionPlan(tuple(t.scaled(scale) for t in self.terms))
+
+    def biased(self, bias: torch.Tensor) -> "AttentionPlan":
+        """Every term's logits shifted per token (a renormalised reweight when ``bias = log w``)."""
+        return AttentionPlan(tuple(t.biased(bias) for t in self.terms))
+
+
+IDENTITY = AttentionPlan()
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An SDPA mask as an additive float mask (boolean masks mark the positions to keep)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def transformed_values(term: AttentionTerm, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (B, heads, K, d) after the term's per-token scale and token mixing."""
+    if term.value_scale is not None:
+        value = value * term.value_scale.to(value.dtype)[:, None, :, None]
+    if term.value_map is not None:
+        value = torch.einsum("bij,bhjd->bhid", term.value_map.to(value.dtype), value)
+    return value
+
+
+def run_plan(
+    plan: AttentionPlan,
+    query: torch.Tensor,  # (B, heads, Q, d)
+    key: torch.Tensor,  # (B, heads, K, d)
+    value: torch.Tensor,  # (B, heads, K, d)
+    attention_mask: torch.Tensor | None,  # (B, heads, Q or 1, K) additive or boolean, or None
+) -> torch.Tensor:  # (B, heads, Q, d)
+    """Run a plan on fused ``F.scaled_dot_product_attention`` calls, one per term; no map is materialised."""
+    out = None
+    for term in plan.terms:
+        q, k, mask = query, key, attention_mask
+        if term.qk_rows is not None:
+            q, k = query[term.qk_rows], key[term.qk_rows]
+            mask = None if mask is None else mask[term.qk_rows]
+        if term.logit_bias is not None:
+            bias = term.logit_bias.to(query.dtype)[:, None, None, :]
+            mask = _additive(mask, query.dtype)
+            mask = bias if mask is None else mask + bias
+        o = F.scaled_dot_product_attention(q, k, transformed_values(term, value), attn_mask=mask, dropout_p=0.0)
+        out = o if out is None else out + o
+    return out
+
+
+def attention_probs(
+    query: torch.Tensor,  # (B, heads, Q, d)
+    key: torch.Tensor,  # (B, heads, K, d)
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:  # (B, heads, Q, K), float32, rows sum to 1
+    """Explicit softmax attention probabilities with SDPA's scale ``1/sqrt(d)``, computed in float32."""
+    scale = query.shape[-1] ** -0.5
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        logits = logits + _additive(attention_mask, torch.float32).float()
+    return logits.softmax(dim=-1)
+
+
+def run_plan_on_probs(
+    plan: AttentionPlan,
+    probs: torch.Tensor,  # (B, heads, Q, K) float32, each row's own attention
+    value: torch.Tensor,  # (B, heads, K, d)
+) -> torch.Tensor:  # (B, heads, Q, d)
+    """The same result as :func:`run_plan`, from already materialised probabilities (used where a recorder asked)."""
+    out = None
+    for term in plan.terms:
+        p = probs if term.qk_rows is None else probs[term.qk_rows]
+        if term.logit_bias is not None:  # softmax(l + b) = p * e^b / sum(p * e^b)
+            p = p * term.logit_bias.float().exp()[:, None, None, :]
+            p = p / p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p.to(value.dtype), transformed_values(term, value))
+        out = o if out is None else out + o
+    return out

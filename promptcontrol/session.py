@@ -1,0 +1,322 @@
+"""``pc.control``: install controlled processors for the length of a ``with`` block, and restore everything after.
+
+Install is all-or-nothing: the original processors are snapshotted first, and any failure while installing
+puts them back before the error propagates. On exit — normal or by exception — processors, forward hooks
+and the wrapped pipeline methods are restored and the controllers are unbound, so the UNet keeps no
+reference to the session.
+
+Step tracking: a forward pre-hook on the UNet builds a :class:`~promptcontrol.context.StepContext` at every
+UNet call (one per denoising step, never counted per attention layer). A new pipeline run is noticed when the
+pipeline calls ``encode_prompt`` (which also tells the prompts, ``num_images_per_prompt`` and whether guidance
+is on) or ``scheduler.set_timesteps``; the step index then starts again at 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+
+from .context import RunInfo, StepContext, batch_layout
+from .controllers.base import Controller, check_controller
+from .processor import ControlledAttnProcessor
+from .sites import AttentionSite, attention_modules, find_sites
+
+# Processors computing the same attention function as AttnProcessor2_0 (only memory/speed differ).
+_EQUIVALENT_PROCESSORS = {"AttnProcessor2_0", "FusedAttnProcessor2_0"}
+_REPLACEABLE_PROCESSORS = {"AttnProcessor", "SlicedAttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU"}
+_ACTIVE_FLAG = "_promptcontrol_session_active"
+
+
+class SessionError(RuntimeError):
+    """A session was used in a way it cannot be (nested on the same UNet, entered twice, ...)."""
+
+
+def _resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
+    """(pipeline or None, unet) from a pipeline or a bare UNet."""
+    unet = getattr(target, "unet", None)
+    if unet is not None and hasattr(unet, "attn_processors"):
+        return target, unet
+    if hasattr(target, "attn_processors") and hasattr(target, "down_blocks"):
+        return None, target
+    raise TypeError(
+        "pc.control expects a diffusers pipeline with a `.unet` (StableDiffusionPipeline, "
+        "StableDiffusionXLPipeline, img2img, ...) or a UNet2DConditionModel; "
+        f"got {type(target).__name__}"
+    )
+
+
+def _as_list(prompt: Any) -> list[str] | None:
+    if prompt is None:
+        return None
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+class Session:
+    """An active control session over one UNet. Use through :func:`control` as a context manager.
+
+    Attributes while active: ``pipe`` (or ``None``), ``unet``, ``sites`` (every attention site),
+    ``controllers``, ``context`` (the current :class:`StepContext`, ``None`` between UNet calls of no run),
+    ``run`` (what the current pipeline call said about its prompts), ``tokenizer``.
+    """
+
+    def __init__(self, target: Any, controllers: tuple[Controller, ...], *, cfg: bool | None = None, tokenizer=None):
+        self.pipe, self.unet = _resolve_target(target)
+        self.controllers = [check_controller(c) for c in controllers]
+        self.sites: list[AttentionSite] = find_sites(self.unet)
+        if not any(site.is_cross for site in self.sites):
+            raise ValueError(
+                f"{type(self.unet).__name__} has no cross-attention layers: promptcontrol needs a text-conditioned "
+                "UNet (Stable Diffusion 1.x / 2.x / SDXL)"
+            )
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(self.pipe, "tokenizer", None)
+        self.cfg_default = bool(cfg)
+        self._cfg_forced = cfg
+        self.context: StepContext | None = None
+        self.run: RunInfo | None = None
+        self._pending_run: RunInfo | None = None
+        self._new_run = True
+        self._step = -1
+        self._total: int | None = None
+        self._saved_processors: dict[str, Any] = {}
+        self._hooks: list[Any] = []
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value or _MISSING)
+        self._active = False
+        self._entered = False
+
+    # ---- install / restore -------------------------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        if self._entered:
+            raise SessionError("this session was already used; call pc.control(...) again for a new one")
+        if getattr(self.unet, _ACTIVE_FLAG, False):
+            raise SessionError(
+                "a promptcontrol session is already active on this UNet; pass all controllers to one "
+                "pc.control(pipe, *controllers) instead of nesting sessions"
+            )
+        self._entered = True
+        try:
+            self._install()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+
+    def _install(self) -> None:
+        setattr(self.unet, _ACTIVE_FLAG, True)
+        self._active = True
+        modules = attention_modules(self.unet, self.sites)
+        current = self.unet.attn_processors
+        plan: dict[str, ControlledAttnProcessor] = {}
+        for site in self.sites:
+            acting = [c for c in self.controllers if c.applies_to(site)]
+            if acting:
+                plan[site.key] = ControlledAttnProcessor(self, site, acting)
+        self._check_processors({key: current[key] for key in plan})
+        for controller in self.controllers:
+            controller.bind(self)
+        for key, processor in plan.items():
+            self._saved_processors[key] = current[key]
+            modules[key].set_processor(processor)
+        self._hooks.append(self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+        self._hooks.append(self.unet.register_forward_hook(self._after_unet))
+        if self.pipe is not None:
+            if callable(getattr(self.pipe, "encode_prompt", None)):
+                self._wrap(self.pipe, "encode_prompt", self._wrapped_encode_prompt)
+            scheduler = getattr(self.pipe, "scheduler", None)
+            if scheduler is not None and callable(getattr(scheduler, "set_timesteps", None)):
+                self._wrap(scheduler, "set_timesteps", self._wrapped_set_timesteps)
+            if scheduler is not None and any(c.uses_latents for c in self.controllers):
+                self._wrap(scheduler, "step", self._wrapped_scheduler_step)
+        elif any(c.uses_latents for c in self.controllers):
+            raise ValueError(
+                "a controller that changes latents between steps (e.g. pc.LocalBlend) needs a pipeline, "
+                "not a bare UNet: pass the pipeline to pc.control"
+            )
+
+    def _check_processors(self, originals: dict[str, Any]) -> None:
+        """Refuse processors whose behaviour would be lost; warn about memory-saving ones replaced for now."""
+        replaced: dict[str, int] = {}
+        for key, processor in originals.items():
+            name = type(processor).__name__
+            if name in _EQUIVALENT_PROCESSORS:
+                continue
+            if name in _REPLACEABLE_PROCESSORS:
+                replaced[name] = replaced.get(name, 0) + 1
+                continue
+            raise ValueError(
+                f"the attention site {key} runs a custom processor {name} (IP-Adapter, a custom LoRA or "
+                "attention hack?); promptcontrol would drop its behaviour. Call `unet.set_default_attn_processor()` "
+                "or remove that adapter before pc.control, or exclude the site from your controllers"
+            )
+        if replaced:
+            what = ", ".join(f"{n} at {k} sites" for n, k in sorted(replaced.items()))
+            warnings.warn(
+                f"pc.control runs its own SDPA processor where {what} was installed (attention slicing / xformers / "
+                "classic attention); they are restored when the session ends",
+                stacklevel=4,
+            )
+
+    def _restore(self) -> None:
+        if self._saved_processors:
+            modules = attention_modules(self.unet, [s for s in self.sites if s.key in self._saved_processors])
+            for key, processor in self._saved_processors.items():
+                modules[key].set_processor(processor)
+            self._saved_processors = {}
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for obj, name, previous in reversed(self._wrapped):
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = previous
+        self._wrapped = []
+        if self._active:
+            for controller in self.controllers:
+                controller.unbind()
+            if hasattr(self.unet, _ACTIVE_FLAG):
+                delattr(self.unet, _ACTIVE_FLAG)
+        self._active = False
+        self.context = None
+
+    def _wrap(self, obj: Any, name: str, make_wrapper) -> None:
+        """Shadow ``obj.name`` by an instance attribute for the session (restored exactly afterwards)."""
+        previous = obj.__dict__.get(name, _MISSING)
+        original = getattr(obj, name)
+        self._wrapped.append((obj, name, previous))
+        obj.__dict__[name] = make_wrapper(original)
+
+    # ---- run and step tracking ------------------------------------------------------------------------------
+    def _wrapped_encode_prompt(self, original):
+        signature = inspect.signature(original)
+
+        def encode_prompt(*args, **kwargs):
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = kwargs
+            cfg = bound.get("do_classifier_free_guidance")
+            if cfg is None:
+                cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+            self._pending_run = RunInfo(
+                prompts=_as_list(bound.get("prompt")),
+                prompts_2=_as_list(bound.get("prompt_2")),
+                images_per_prompt=int(bound.get("num_images_per_prompt") or 1),
+                cfg=None if cfg is None else bool(cfg),
+            )
+            self._new_run = True
+            return original(*args, **kwargs)
+
+        return encode_prompt
+
+    def _wrapped_set_timesteps(self, original):
+        def set_timesteps(*args, **kwargs):
+            self._new_run = True
+            return original(*args, **kwargs)
+
+        return set_timesteps
+
+    def _wrapped_scheduler_step(self, original):
+        def step(*args, **kwargs):
+            out = original(*args, **kwargs)
+            ctx = self.context
+            if ctx is None:
+                return out
+            latents = out.prev_sample if hasattr(out, "prev_sample") else out[0]
+            for controller in self.controllers:
+                if controller.uses_latents:
+                    latents = controller.transform_latents(ctx, latents)
+            if hasattr(out, "prev_sample"):
+                out.prev_sample = latents
+                return out
+            return (latents, *tuple(out)[1:])
+
+        return step
+
+    def reset_steps(self) -> None:
+        """Start counting steps at 0 again at the next UNet call (for loops that call a bare UNet)."""
+        self._new_run = True
+
+    def _total_steps(self) -> int | None:
+        if self.pipe is None:
+            return None
+        total = getattr(self.pipe, "_num_timesteps", None)
+        if isinstance(total, int) and total > 0:
+            return total
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        return len(timesteps) if timesteps is not None else None
+
+    def _before_unet(self, module, args, kwargs):
+        sample = args[0] if len(args) > 0 else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if self._new_run:
+            self._new_run = False
+            self._step = 0
+            self.run, self._pending_run = self._pending_run, None
+            self._total = self._total_steps()
+        else:
+            self._step += 1
+        run = self.run
+        if self._cfg_forced is not None:
+            run = RunInfo(
+                prompts=run.prompts if run else None,
+                prompts_2=run.prompts_2 if run else None,
+                images_per_prompt=run.images_per_prompt if run else 1,
+                cfg=self._cfg_forced,
+            )
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        self.context = StepContext(
+            index=self._step,
+            timestep=t,
+            total=self._total,
+            latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])),
+            layout=batch_layout(int(sample.shape[0]), run, self.cfg_default),
+            run=run,
+        )
+        for controller in self.controllers:
+            controller.begin_step(self.context)
+        if any(c.uses_context for c in self.controllers):
+            ehs_in_args = len(args) > 2
+            ehs = args[2] if ehs_in_args else kwargs.get("encoder_hidden_states")
+            for controller in self.controllers:
+                if controller.uses_context:
+                    ehs = controller.transform_context(self.context, ehs)
+            if ehs_in_args:
+                args = (*args[:2], ehs, *args[3:])
+            else:
+                kwargs = {**kwargs, "encoder_hidden_states": ehs}
+            return args, kwargs
+        return None
+
+    def _after_unet(self, module, args, output):
+        if self.context is not None:
+            for controller in self.controllers:
+                controller.end_step(self.context)
+        return None
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def control(target: Any, *controllers: Controller, cfg: bool | None = None, tokenizer=None) -> Session:
+    """Install ``controllers`` into ``target``'s UNet for the length of a ``with`` block.
+
+    ``target``: a diffusers pipeline (SD 1.x / 2.x / SDXL, img2img, ...) or a bare ``UNet2DConditionModel``.
+    ``cfg``: force the batch layout (``True``: ``[uncond | cond]``); by default it is read from the pipeline
+    call, and a bare UNet's rows all count as conditional. ``tokenizer``: for a bare UNet, what word-based
+    controllers should tokenize with (a pipeline's own tokenizer is used otherwise).
+
+    Raises ``TypeError`` for a target or controller of the wrong type, ``ValueError`` for a UNet without
+    cross-attention or a custom processor that would be dropped; nothing is installed then.
+    """
+    return Session(target, controllers, cfg=cfg, tokenizer=tokenizer)

@@ -1,0 +1,127 @@
+"""Prompt → tokens → words: which token positions belong to which word of a prompt.
+
+The mapping uses the tokenizer's character offsets, so multi-token words ("photorealistic" → photo +
+realistic), punctuation, hyphenated words ("blue-green" is one word of three tokens), repeated words and
+case all work. Position 0 is the start token; the prompt's tokens follow; then the end token and padding
+up to ``max_length`` (77 for CLIP). Words whose tokens fall past the limit are reported as truncated.
+
+SDXL: both text encoders tokenize the prompt with the same byte-pair vocabulary and their features are
+concatenated along the feature axis, so token positions (and therefore word positions) are shared.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+WORD_PATTERN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
+"""A word: letters/digits, with inner hyphens or apostrophes (``blue-green``, ``don't``); punctuation is not a word."""
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a prompt: its text, its index among the words, its character span, its token positions."""
+
+    text: str
+    index: int
+    start: int
+    end: int
+    tokens: tuple[int, ...]  # positions in the padded token sequence (0 is the start token)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as its tokenizer sees it, with the word ↔ token-position mapping.
+
+    input_ids:  token ids with start and end tokens, before padding, cut to ``max_length``
+    words:      every word, in order (truncated words keep the positions that survived, possibly none)
+    truncated:  the words with at least one token past the limit
+    max_length: the tokenizer's sequence length (the UNet's number of keys)
+    """
+
+    prompt: str
+    input_ids: tuple[int, ...]
+    words: tuple[Word, ...]
+    truncated: tuple[Word, ...]
+    max_length: int
+
+    @property
+    def texts(self) -> list[str]:
+        """The words' texts, in order."""
+        return [w.text for w in self.words]
+
+    @property
+    def start_position(self) -> int:
+        return 0
+
+    @property
+    def end_position(self) -> int:
+        """Position of the end token (the first padding-like slot after the prompt)."""
+        return len(self.input_ids) - 1
+
+    @property
+    def padding_positions(self) -> tuple[int, ...]:
+        """Positions after the end token, up to ``max_length``."""
+        return tuple(range(len(self.input_ids), self.max_length))
+
+    def matches(self, query: str) -> list[tuple[Word, ...]]:
+        """Every run of consecutive words equal (ignoring case) to the words of ``query``, in prompt order."""
+        wanted = [m.group(0).lower() for m in WORD_PATTERN.finditer(query)]
+        if not wanted:
+            raise KeyError(f"{query!r} contains no word; the prompt's words are: {', '.join(self.texts)}")
+        lowered = [w.text.lower() for w in self.words]
+        n = len(wanted)
+        return [
+            tuple(self.words[i : i + n]) for i in range(len(lowered) - n + 1) if lowered[i : i + n] == wanted
+        ]
+
+    def find(self, query: str, occurrence: int | None = None) -> tuple[Word, ...]:
+        """The words of ``query`` (a word or a phrase) in the prompt.
+
+        ``occurrence`` (1-based) picks one match of a repeated word/phrase; ``None`` takes all matches.
+        Raises ``KeyError`` listing the prompt's words (and the closest one) when the query is not there.
+        """
+        found = self.matches(query)
+        if not found:
+            close = difflib.get_close_matches(query.lower(), [t.lower() for t in self.texts], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"{query!r} is not in the prompt {self.prompt!r}; its words are: {', '.join(self.texts)}{hint}")
+        if occurrence is None:
+            return tuple(w for match in found for w in match)
+        if not 1 <= occurrence <= len(found):
+            raise KeyError(
+                f"{query!r} occurs {len(found)} time(s) in the prompt {self.prompt!r}; occurrence must be 1..{len(found)}"
+            )
+        return found[occurrence - 1]
+
+    def positions(self, query: str, occurrence: int | None = None) -> list[int]:
+        """Token positions of ``query`` (see :meth:`find`), sorted; empty if every one was truncated."""
+        return sorted({p for w in self.find(query, occurrence) for p in w.tokens})
+
+
+def tokenize(tokenizer, prompt: str) -> PromptTokens:
+    """Tokenize ``prompt`` and map its words to token positions (needs a tokenizer with offsets)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    max_length = int(getattr(tokenizer, "model_max_length", 77))
+    try:
+        encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    except NotImplementedError as error:  # slow tokenizers have no offsets
+        raise TypeError(f"{type(tokenizer).__name__} gives no character offsets; use a fast tokenizer") from error
+    ids = list(encoded["input_ids"])
+    offsets = list(encoded["offset_mapping"])
+    last_kept = max_length - 2  # the last position that holds a prompt token; max_length - 1 is the end token
+    words, truncated = [], []
+    for index, match in enumerate(WORD_PATTERN.finditer(prompt)):
+        start, end = match.span()
+        positions = [
+            p for p, (s, e) in enumerate(offsets) if e > s and s < end and e > start and 0 < p < len(ids) - 1
+        ]
+        word = Word(match.group(0), index, start, end, tuple(p for p in positions if p <= last_kept))
+        words.append(word)
+        if any(p > last_kept for p in positions):
+            truncated.append(word)
+    if len(ids) > max_length:
+        ids = ids[: max_length - 1] + ids[-1:]
+    return PromptTokens(prompt, tuple(ids), tuple(words), tuple(truncated), max_length)
