@@ -1,0 +1,411 @@
+"""``AttentionStore``: record cross-attention probabilities per output image, with bounded memory.
+
+What is kept (per pipeline run, for the conditional rows only, one slice per output image):
+
+* default — one running sum per cross-attention site, summed over the recorded steps and over heads, at the
+  site's own resolution, float32, on the device attention runs on. Memory does not grow with the number of
+  steps: ``images × sum over sites (h·w) × tokens × 4`` bytes.
+* ``per_step=True`` — also each recorded step's map per site (mean over heads), moved to the CPU at ``dtype``
+  (float16 by default) and average-pooled so that no side exceeds ``max_side``. Needed for
+  ``heatmaps(steps=...)`` after the run and for the per-step strip.
+* ``per_head=True`` — also a running sum per head per site, on the CPU (float32, since it accumulates), at the
+  same resolution cap. Needed for ``heatmaps(heads=...)``.
+
+The probabilities are materialised only at the cross-attention sites and steps selected by ``steps``,
+``places``, ``levels`` and ``sites``; every other attention call stays on fused SDPA (sites that are not
+selected do not even get a controlled processor).
+
+Images: every pipeline call in the session appends its images, in output order (``image_of_row``), so image
+``i`` of the store is the ``i``-th image generated inside the ``with`` block. The prompt of each image is read from
+the pipeline call (``run.prompts[prompt_of_row[row]]``); ``None`` when the pipeline got embeddings only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..context import StepContext
+from ..sites import AttentionSite, grid_for, grid_from_length
+from .base import Controller
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..session import Session
+
+_PLACES = ("down", "mid", "up")
+
+
+@dataclass
+class RunRecord:
+    """What one pipeline call left in the store (all tensors hold one slice per image of the run).
+
+    sums[key]:       (N, Q, K) float32 — summed over recorded steps and heads
+    counts[key]:     number of (step × head) maps added to ``sums[key]``
+    head_sums[key]:  (N, heads, K, h', w') float32 on CPU — summed over steps (``per_head``)
+    head_counts[key]: number of steps added to ``head_sums[key]``
+    step_maps[step][key]: (N, K, h', w') at the store's dtype on CPU — mean over heads (``per_step``)
+    grids[key]:      the site's (h, w); ``small_grids[key]``: (h', w') after the resolution cap
+    """
+
+    run_id: int
+    latent_hw: tuple[int, int]
+    prompts: list[str | None]
+    prompts_2: list[str | None]
+    num_tokens: int | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_counts: dict[str, int] = field(default_factory=dict)
+    step_maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    timesteps: dict[int, float] = field(default_factory=dict)
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    small_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def steps(self) -> list[int]:
+        """The step indices recorded in this run (every step that reached ``record``)."""
+        return sorted(self.timesteps)
+
+
+@dataclass(frozen=True)
+class RecordedImage:
+    """One output image in the store: where its data lives and what prompt made it."""
+
+    index: int  # index in the store (order of generation inside the session)
+    run: RunRecord
+    slot: int  # index of the image inside its run
+    prompt: str | None
+    prompt_2: str | None
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.run.latent_hw
+
+
+def capped_grid(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(h', w') after average-pooling by the smallest integer factor that brings both sides to ``<= max_side``."""
+    h, w = hw
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    factor = math.ceil(max(h, w) / max_side)
+    return math.ceil(h / factor), math.ceil(w / factor)
+
+
+def to_grid(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """``maps`` (..., Q, K) → (..., K, h, w)."""
+    *lead, q, k = maps.shape
+    return maps.transpose(-1, -2).reshape(*lead, k, hw[0], hw[1])
+
+
+def pool_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Average-pool ``maps`` (..., K, h, w) to (..., K, hw[0], hw[1]) (identity when the size already fits)."""
+    if tuple(maps.shape[-2:]) == tuple(hw):
+        return maps
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    return F.adaptive_avg_pool2d(flat, hw).reshape(*lead, *hw)
+
+
+def _step_filter(steps) -> Callable[[StepContext], bool]:
+    if steps is None:
+        return lambda ctx: True
+    if callable(steps):
+        return steps
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+        raise TypeError(
+            f"steps must be None (all), a range or list of step indices, or a function of the StepContext; got {steps!r}"
+        )
+    wanted = set()
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"steps must hold non-negative step indices (0 is the first denoising step); got {s!r}")
+        wanted.add(s)
+    if not wanted:
+        raise ValueError("steps is empty: nothing would be recorded; pass None to record every step")
+    return lambda ctx: ctx.index in wanted
+
+
+class AttentionStore(Controller):
+    """Records the cross-attention probabilities of the conditional rows, per output image.
+
+    steps:    ``None`` (every step), a ``range`` / list of 0-based step indices, or ``f(ctx) -> bool``
+    places:   subset of ``("down", "mid", "up")`` to record (``None``: all)
+    levels:   downsampling levels to record (0 = latent resolution; ``None``: all)
+    sites:    processor keys or module paths to record, or ``f(site) -> bool`` (``None``: all cross sites)
+    per_step: also keep each step's map per site (CPU, ``dtype``, sides capped at ``max_side``)
+    per_head: also keep a running sum per head per site (CPU, float32, sides capped at ``max_side``)
+    dtype:    storage dtype of the per-step maps (default float16)
+    max_side: resolution cap of per-step / per-head maps (``None``: full resolution)
+    device:   where the default running sums live (``None``: the device attention runs on)
+    """
+
+    def __init__(
+        self,
+        *,
+        steps=None,
+        places: Iterable[str] | None = None,
+        levels: Iterable[int] | None = None,
+        sites: Iterable[str] | Callable[[AttentionSite], bool] | None = None,
+        per_step: bool = False,
+        per_head: bool = False,
+        dtype: torch.dtype = torch.float16,
+        max_side: int | None = 32,
+        device: str | torch.device | None = None,
+    ):
+        self._want_step = _step_filter(steps)
+        self.places = None if places is None else tuple(places)
+        if self.places is not None and (not self.places or any(p not in _PLACES for p in self.places)):
+            raise ValueError(f"places must be a non-empty subset of {_PLACES}; got {places!r}")
+        self.levels = None if levels is None else tuple(int(v) for v in levels)
+        if self.levels is not None and not self.levels:
+            raise ValueError("levels is empty: nothing would be recorded; pass None to record every level")
+        if sites is None or callable(sites):
+            self._site_names, self._site_filter = None, sites
+        elif isinstance(sites, str):
+            self._site_names, self._site_filter = {sites}, None
+        else:
+            self._site_names, self._site_filter = set(sites), None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16); got {dtype!r}")
+        if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
+            raise ValueError(f"max_side must be a positive int or None (full resolution); got {max_side!r}")
+        self.per_step = bool(per_step)
+        self.per_head = bool(per_head)
+        self.dtype = dtype
+        self.max_side = max_side
+        self.device = None if device is None else torch.device(device)
+        self.runs: list[RunRecord] = []
+        self.images: list[RecordedImage] = []
+        self.sites: dict[str, AttentionSite] = {}  # every selected cross site, by key (set at bind)
+        self.tokenizer = None
+        self.scale_factor = 8  # pixels per latent cell; the pipeline's vae_scale_factor when there is one
+        self._run_id = 0
+        self._run_key: object = None
+        self._last_index = -1
+        self._current: RunRecord | None = None
+        self._recording = False
+        self._rows: tuple[int, ...] = ()
+        self._row_index: dict[torch.device, torch.Tensor] = {}
+
+    # ---- selection ---------------------------------------------------------------------------------------
+    def _selected(self, site: AttentionSite) -> bool:
+        if site.kind != "cross":
+            return False
+        if self.places is not None and site.place not in self.places:
+            return False
+        if self.levels is not None and site.level not in self.levels:
+            return False
+        if self._site_names is not None:
+            return site.key in self._site_names or site.module_path in self._site_names
+        if self._site_filter is not None:
+            return bool(self._site_filter(site))
+        return True
+
+    def applies_to(self, site: AttentionSite) -> bool:
+        return self._selected(site)
+
+    def bind(self, session: "Session") -> None:
+        cross = [s for s in session.sites if s.is_cross]
+        if self._site_names is not None:
+            known = {s.key for s in cross} | {s.module_path for s in cross}
+            unknown = sorted(self._site_names - known)
+            if unknown:
+                raise ValueError(
+                    f"AttentionStore(sites=...) names no cross-attention site: {', '.join(unknown)}; "
+                    f"cross sites are e.g. {', '.join(s.module_path for s in cross[:3])} (see pc.find_sites(pipe.unet))"
+                )
+        self.sites.update({s.key: s for s in cross if self._selected(s)})
+        if not any(self._selected(s) for s in cross):
+            raise ValueError(
+                f"AttentionStore selects no cross-attention site (places={self.places}, levels={self.levels}); "
+                f"this UNet's cross sites are at levels {sorted({s.level for s in cross})}"
+            )
+        if session.tokenizer is not None:
+            self.tokenizer = session.tokenizer
+        pipe = session.pipe
+        factor = getattr(pipe, "vae_scale_factor", None) if pipe is not None else None
+        if isinstance(factor, int) and factor > 0:
+            self.scale_factor = factor
+
+    def unbind(self) -> None:
+        self._current = None
+        self._recording = False
+        self._row_index = {}
+
+    # ---- step bookkeeping --------------------------------------------------------------------------------
+    def begin_step(self, ctx: StepContext) -> None:
+        key = (ctx.latent_hw, ctx.layout)
+        if ctx.index == 0 or ctx.index <= self._last_index or key != self._run_key:
+            self._run_id += 1
+            self._current = None  # a new pipeline run: its images are appended when it first records
+        self._run_key, self._last_index = key, ctx.index
+        layout = ctx.layout
+        # conditional rows ordered by output image
+        self._rows = tuple(r for _, r in sorted((layout.image_of_row[r], r) for r in layout.cond_rows))
+        self._row_index = {}
+        self._recording = bool(self._rows) and bool(self._want_step(ctx))
+
+    def end_step(self, ctx: StepContext) -> None:
+        self._recording = False
+
+    def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
+        return self._recording
+
+    def _new_run(self, ctx: StepContext) -> RunRecord:
+        run = ctx.run
+        prompts, prompts_2 = [], []
+        for row in self._rows:
+            p = ctx.layout.prompt_of_row[row]
+            prompts.append(run.prompts[p] if run is not None and run.prompts is not None and p < len(run.prompts) else None)
+            second = run.prompts_2 if run is not None else None
+            prompts_2.append(second[p] if second is not None and p < len(second) else None)
+        record = RunRecord(self._run_id, ctx.latent_hw, prompts, prompts_2)
+        self.runs.append(record)
+        for slot in range(record.num_images):
+            self.images.append(RecordedImage(len(self.images), record, slot, prompts[slot], prompts_2[slot]))
+        return record
+
+    def _cond(self, probs: torch.Tensor) -> torch.Tensor:
+        """The conditional rows of ``probs`` (B, ...), ordered by image."""
+        if self._rows == tuple(range(probs.shape[0])):
+            return probs
+        index = self._row_index.get(probs.device)
+        if index is None:
+            index = self._row_index[probs.device] = torch.tensor(self._rows, device=probs.device)
+        return probs.index_select(0, index)
+
+    def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor) -> None:
+        """Add ``probs`` (B, heads, Q, K) of the conditional rows to this run's record."""
+        if self._current is None:
+            self._current = self._new_run(ctx)
+        run = self._current
+        cond = self._cond(probs)  # (N, heads, Q, K)
+        heads, q, k = cond.shape[1:]
+        if run.num_tokens is None:
+            run.num_tokens = k
+        grid = run.grids.get(site.key)
+        if grid is None:
+            grid = grid_for(ctx.latent_hw, site.level)
+            if grid[0] * grid[1] != q:
+                grid = grid_from_length(ctx.latent_hw, q)
+            run.grids[site.key] = grid
+            run.small_grids[site.key] = capped_grid(grid, self.max_side)
+        summed = cond.sum(dim=1)  # (N, Q, K)
+        target = summed if self.device is None else summed.to(self.device)
+        if site.key in run.sums:
+            run.sums[site.key] += target
+        else:
+            run.sums[site.key] = target
+        run.counts[site.key] = run.counts.get(site.key, 0) + heads
+        run.timesteps[ctx.index] = ctx.timestep
+        small = run.small_grids[site.key]
+        if self.per_head:
+            per_head = pool_to(to_grid(cond, grid), small).to("cpu", torch.float32)  # (N, heads, K, h', w')
+            if site.key in run.head_sums:
+                run.head_sums[site.key] += per_head
+            else:
+                run.head_sums[site.key] = per_head.clone()
+            run.head_counts[site.key] = run.head_counts.get(site.key, 0) + 1
+        if self.per_step:
+            mean = pool_to(to_grid(summed / heads, grid), small)  # (N, K, h', w')
+            run.step_maps.setdefault(ctx.index, {})[site.key] = mean.to("cpu", self.dtype)
+
+    # ---- reading -----------------------------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def image(self, index: int) -> RecordedImage:
+        """The recorded image ``index`` (negative counts from the end); clear errors when there is none."""
+        if not self.images:
+            raise RuntimeError(
+                "nothing was recorded yet: run the pipeline inside `with pc.trace(pipe) as tr:` (or "
+                "`pc.control(pipe, store)`) before asking for maps; check that steps/places/levels select something"
+            )
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"image_index must be an int, got {type(index).__name__}")
+        if not -len(self.images) <= index < len(self.images):
+            raise IndexError(
+                f"image_index {index} is out of range: the store holds {len(self.images)} image(s) "
+                f"(0..{len(self.images) - 1}, in the order they were generated)"
+            )
+        return self.images[index]
+
+    def recorded_sites(self, index: int = 0) -> list[AttentionSite]:
+        """The sites with data for image ``index``, in UNet order."""
+        run = self.image(index).run
+        return [self.sites[key] for key in self.sites if key in run.sums]
+
+    def steps(self, index: int = 0) -> list[int]:
+        """The step indices recorded for image ``index``."""
+        return self.image(index).run.steps
+
+    def site_map(
+        self,
+        index: int,
+        site: AttentionSite | str,
+        *,
+        steps: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+    ) -> torch.Tensor:
+        """Mean attention map (K, h, w) float32 of image ``index`` at ``site``, over recorded steps and heads.
+
+        Every spatial position's values sum to 1 over the K tokens (a mean of softmax rows). ``steps`` needs
+        ``per_step=True`` and ``heads`` needs ``per_head=True`` (those maps are at the capped resolution).
+        """
+        image = self.image(index)
+        run = image.run
+        key = site if isinstance(site, str) else site.key
+        if key not in run.sums:
+            recorded = ", ".join(s.module_path for s in self.recorded_sites(index)) or "none"
+            raise KeyError(f"no data for site {key} in image {index}; recorded sites: {recorded}")
+        if steps is not None and heads is not None:
+            raise ValueError("choose steps or heads, not both: per-step maps are kept as the mean over heads")
+        if steps is not None:
+            if not self.per_step:
+                raise ValueError(
+                    "selecting steps after the run needs per-step maps: record with pc.trace(pipe, per_step=True) "
+                    "(or choose the steps when recording: pc.trace(pipe, steps=range(...)))"
+                )
+            steps = list(steps)
+            missing = [s for s in steps if s not in run.step_maps or key not in run.step_maps[s]]
+            if missing or not steps:
+                raise ValueError(f"steps {missing or steps} were not recorded; recorded steps: {run.steps}")
+            maps = [run.step_maps[s][key][image.slot].float() for s in steps]
+            return torch.stack(maps).mean(dim=0)
+        if heads is not None:
+            if not self.per_head:
+                raise ValueError("selecting heads needs per-head maps: record with pc.trace(pipe, per_head=True)")
+            heads = list(heads)
+            total = run.head_sums[key].shape[1]
+            bad = [h for h in heads if not 0 <= h < total]
+            if bad or not heads:
+                raise ValueError(f"heads {bad or heads} out of range: site {key} has heads 0..{total - 1}")
+            chosen = run.head_sums[key][image.slot, heads]  # (n, K, h', w')
+            return chosen.mean(dim=0) / run.head_counts[key]
+        mean = run.sums[key][image.slot] / run.counts[key]  # (Q, K)
+        return to_grid(mean.float(), run.grids[key])
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the recorded tensors (running sums, per-head sums, per-step maps)."""
+        total = 0
+        for run in self.runs:
+            tensors = [*run.sums.values(), *run.head_sums.values()]
+            tensors += [t for step in run.step_maps.values() for t in step.values()]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+    def reset(self) -> None:
+        """Forget every recording (the store can be used again)."""
+        self.runs, self.images = [], []
+        self._current = None
+        self._run_key, self._last_index = None, -1
