@@ -119,7 +119,7 @@ def _scheduler():
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, device: str | torch.device = "cpu"):
     """A tiny pipeline of the given kind (``"sd15"``, ``"sd21"``, ``"sdxl"``), built offline from configs.
 
-    Output images are 32×32 by default (latent 16×16); any multiple of 4 works for height and width.
+    Output images are 32×32 by default (latent 16×16); height and width: any multiple of 8 (the pipelines check it).
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
