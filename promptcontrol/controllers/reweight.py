@@ -1,0 +1,406 @@
+"""``Reweight``: per-word weights in cross-attention (prompt-to-prompt's equalizer, a renormalised variant, A1111).
+
+Three ways to weight a word ``w`` times, all on the conditional rows of the prompt that holds the word (the
+unconditional rows stay as they are, as in prompt-to-prompt):
+
+* ``"attention"`` (default) — the P2P equalizer: post-softmax probabilities of the word's tokens times ``w``,
+  *not* renormalised (negative weights allowed). Fused: ``sdpa(q, k, v * w[token])`` since
+  ``(P * w) @ V = P @ (w * V)``.
+* ``"softmax"`` — renormalised: ``softmax(logits + log w)``; fused as an additive SDPA mask ``log w``
+  (weights must be ≥ 0; 0 removes the token).
+* ``"embedding"`` — AUTOMATIC1111's emphasis: each token's text feature times ``w``, then the whole row
+  rescaled so its mean is the original mean (per text encoder for SDXL). Acts on the UNet's text input
+  (``transform_context``), so every cross-attention layer sees it.
+
+Weights are resolved to token positions once per run (at the first step, from the prompts the pipeline was
+called with and the session's tokenizer) and kept in tensors ``(B, K)`` built once per run, so per-layer work
+is one multiply of V (or one added mask) and changing the weights never changes a traced graph's shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+import torch
+
+from ..context import StepContext
+from ..plan import AttentionPlan
+from ..sites import AttentionSite
+from ..tokens import PromptTokens, tokenize
+from .base import Controller
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..session import Session
+
+MODES = ("attention", "softmax", "embedding")
+PLACES = ("down", "mid", "up")
+
+Key = Union[str, int, tuple]  # a word/phrase, a token position, or (word, occurrence)
+Weights = Mapping[Key, float]
+
+
+# ---- argument checks --------------------------------------------------------------------------------------
+def _check_key(key: Any) -> Key:
+    if isinstance(key, bool):
+        raise TypeError(f"Reweight: {key!r} is not a word or a token position")
+    if isinstance(key, int):
+        if key < 0:
+            raise ValueError(f"Reweight: token position {key} is negative; positions start at 0 (the start token)")
+        return key
+    if isinstance(key, str):
+        if not key.strip():
+            raise ValueError("Reweight: an empty word was given a weight")
+        return key
+    if (
+        isinstance(key, tuple)
+        and len(key) == 2
+        and isinstance(key[0], str)
+        and isinstance(key[1], int)
+        and not isinstance(key[1], bool)
+    ):
+        if key[1] < 1:
+            raise ValueError(f"Reweight: occurrence {key[1]} of {key[0]!r} must be 1 or more (1 = first)")
+        return key
+    raise TypeError(
+        f"Reweight: weights are keyed by a word or phrase (str), a token position (int) or (word, occurrence); "
+        f"got {type(key).__name__}: {key!r}"
+    )
+
+
+def _check_weight(key: Key, value: Any, mode: str) -> float:
+    if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
+        raise TypeError(f"Reweight: the weight of {key!r} must be a number, got {type(value).__name__}: {value!r}")
+    try:
+        weight = float(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"Reweight: the weight of {key!r} must be a single number, got {value!r}") from error
+    if not math.isfinite(weight):
+        raise ValueError(f"Reweight: the weight of {key!r} is {weight}; weights must be finite numbers")
+    if mode == "softmax" and weight < 0:
+        raise ValueError(
+            f"Reweight: the weight of {key!r} is {weight}, but mode='softmax' adds log(weight) to the logits and "
+            "needs weights >= 0; use mode='attention' for negative weights"
+        )
+    return weight
+
+
+def _check_weights(weights: Any, mode: str) -> tuple[bool, list[dict[Key, float]]]:
+    """(per_prompt, [weights]) — one dict for every prompt, or one dict per prompt index."""
+    if isinstance(weights, Mapping):
+        return False, [{_check_key(k): _check_weight(k, v, mode) for k, v in weights.items()}]
+    if isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
+        if not weights:
+            raise ValueError("Reweight: an empty list of per-prompt weights; give one dict per prompt")
+        per_prompt = []
+        for i, item in enumerate(weights):
+            if item is None:
+                item = {}
+            if not isinstance(item, Mapping):
+                raise TypeError(f"Reweight: per-prompt weights must be dicts; item {i} is {type(item).__name__}")
+            per_prompt.append({_check_key(k): _check_weight(k, v, mode) for k, v in item.items()})
+        return True, per_prompt
+    raise TypeError(
+        "Reweight: weights must be a dict {word or token position: weight} or a list of such dicts, one per "
+        f"prompt of the batch; got {type(weights).__name__}"
+    )
+
+
+def step_filter(steps: Any) -> Callable[[StepContext], bool]:
+    """``ctx -> bool`` for a steps spec.
+
+    ``None``: every step. A pair ``(start, end)`` of floats: fractions in [0, 1], step ``i`` of ``T`` is in when
+    ``int(start*T) <= i < int(end*T)`` (prompt-to-prompt's rule). A pair of ints: step indices, ``start <= i < end``.
+    A list / range / set of ints: exactly those step indices.
+    """
+    if steps is None:
+        return lambda ctx: True
+    if isinstance(steps, tuple) and len(steps) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in steps
+    ):
+        start, end = steps
+        if isinstance(start, float) or isinstance(end, float):
+            if not (0.0 <= start <= end <= 1.0):
+                raise ValueError(f"Reweight: steps={steps!r} as fractions needs 0 <= start <= end <= 1")
+
+            def in_fraction_window(ctx: StepContext) -> bool:
+                if not ctx.total:
+                    raise ValueError(
+                        "Reweight: steps given as fractions need the number of steps, which a bare UNet call does "
+                        "not tell; give step indices instead, e.g. steps=(0, 10) or steps=[0, 1, 2]"
+                    )
+                first, stop = int(start * ctx.total + 1e-9), int(end * ctx.total + 1e-9)
+                return first <= ctx.index < stop
+
+            return in_fraction_window
+        if start < 0 or end < start:
+            raise ValueError(f"Reweight: steps={steps!r} as step indices needs 0 <= start <= end")
+        return lambda ctx: start <= ctx.index < end
+    if isinstance(steps, (list, range, set, frozenset)):
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps):
+            raise ValueError(f"Reweight: steps as a list must hold step indices (ints >= 0), got {steps!r}")
+        chosen = frozenset(steps)
+        return lambda ctx: ctx.index in chosen
+    raise TypeError(
+        "Reweight: steps must be None, a (start, end) pair of fractions (floats in [0, 1]) or of step indices (ints), "
+        f"or a list of step indices; got {steps!r}"
+    )
+
+
+def site_filter(sites: Any) -> Callable[[AttentionSite], bool]:
+    """``site -> bool`` for a sites spec: ``None`` (all), a callable, a place or places (``"up"``, ``["down",
+    "up"]``), or a dict with ``places`` and/or ``levels`` (as :func:`promptcontrol.sites.select_sites`)."""
+    if sites is None:
+        return lambda site: True
+    if callable(sites):
+        return sites
+    if isinstance(sites, str):
+        sites = {"places": [sites]}
+    elif isinstance(sites, Sequence) and all(isinstance(s, str) for s in sites):
+        sites = {"places": list(sites)}
+    if not isinstance(sites, Mapping):
+        raise TypeError(
+            "Reweight: sites must be a callable on AttentionSite, a place ('down', 'mid', 'up'), a list of places or "
+            f"a dict with 'places' and/or 'levels'; got {sites!r}"
+        )
+    unknown = set(sites) - {"places", "levels"}
+    if unknown:
+        raise ValueError(f"Reweight: unknown sites filter key(s) {sorted(unknown)}; use 'places' and/or 'levels'")
+    places = sites.get("places")
+    levels = sites.get("levels")
+    if places is not None:
+        places = [places] if isinstance(places, str) else list(places)
+        bad = [p for p in places if p not in PLACES]
+        if bad:
+            raise ValueError(f"Reweight: unknown place(s) {bad}; places are {', '.join(PLACES)}")
+    if levels is not None:
+        levels = [levels] if isinstance(levels, int) else list(levels)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in levels):
+            raise ValueError(f"Reweight: levels must be ints >= 0, got {levels!r}")
+    return lambda site: (places is None or site.place in places) and (levels is None or site.level in levels)
+
+
+# ---- the controller ---------------------------------------------------------------------------------------
+class Reweight(Controller):
+    """Weight words of the prompt in cross-attention (see the module docstring for the three modes).
+
+    ``weights``: ``{word or phrase: w}``, ``{token position: w}``, ``{(word, occurrence): w}`` (occurrence 1 =
+    first), or a list of such dicts, one per prompt index of the batch (``[{}, {"green": 1.5}]`` weights only the
+    second prompt). A word or phrase means every occurrence of it; a single dict applies to every prompt and each
+    of its words must be in each prompt.
+    ``steps``: ``None`` (all), ``(start, end)`` fractions (floats) or step indices (ints, end excluded), or a list
+    of step indices. ``sites``: ``None``, a place, places, ``{"places": ..., "levels": ...}`` or a callable on
+    :class:`~promptcontrol.sites.AttentionSite` (not for ``mode="embedding"``, which acts on the UNet's text input).
+
+    Raises ``TypeError``/``ValueError`` for weights that are not finite numbers (at construction); ``KeyError``
+    listing the prompt's words for an unknown word and ``ValueError`` for conflicting weights of one token (at
+    the first step of the pipeline call); warns when a weighted word is cut off by the token limit.
+    """
+
+    def __init__(self, weights: Any, *, mode: str = "attention", steps: Any = None, sites: Any = None):
+        if mode not in MODES:
+            raise ValueError(f"Reweight: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "embedding" and sites is not None:
+            raise ValueError(
+                "Reweight: mode='embedding' scales the UNet's text input, which every cross-attention layer reads; "
+                "a sites filter needs mode='attention' or 'softmax'"
+            )
+        self.mode = mode
+        self.per_prompt, self.weights = _check_weights(weights, mode)
+        self.steps = steps
+        self._in_window = step_filter(steps)
+        self._at_site = site_filter(sites)
+        self._session: Session | None = None
+        self._reset()
+
+    def __repr__(self) -> str:
+        shown = self.weights if self.per_prompt else self.weights[0]
+        return f"Reweight({shown!r}, mode={self.mode!r}, steps={self.steps!r})"
+
+    def _reset(self) -> None:
+        self._run_key: Any = None
+        self._row_weights: dict[int, dict[int, float]] = {}  # batch row -> {token position: weight}
+        self._tensor_key: Any = None
+        self._multiplier: torch.Tensor | None = None  # (B, K) weight per row and token, 1 elsewhere
+        self._term: torch.Tensor | None = None  # attention: the V scale (B, K); softmax: the logit bias (B, K)
+        self._rows: torch.Tensor | None = None  # embedding: rows with any weight != 1
+        self._groups: list[tuple[int, int]] | None = None  # embedding: feature slices, one per text encoder
+        self._active = False
+
+    # ---- session hooks ----
+    def applies_to(self, site: AttentionSite) -> bool:
+        return self.mode != "embedding" and site.kind == "cross" and bool(self._at_site(site))
+
+    def bind(self, session: "Session") -> None:
+        self._session = session
+        self._reset()
+
+    def unbind(self) -> None:
+        self._session = None
+        self._reset()
+
+    def begin_step(self, ctx: StepContext) -> None:
+        prompts = tuple(ctx.run.prompts) if ctx.run is not None and ctx.run.prompts is not None else None
+        run_key = (prompts, ctx.layout)
+        if run_key != self._run_key:
+            self._row_weights = self._resolve(prompts, ctx)
+            self._run_key = run_key
+            self._tensor_key = None
+        self._active = bool(self._row_weights) and bool(self._in_window(ctx))
+
+    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Builds the per-run tensors from the text input's shape; in embedding mode, scales the text input."""
+        if not self._row_weights:
+            return encoder_hidden_states
+        self._build(encoder_hidden_states)
+        if self.mode != "embedding" or not self._active:
+            return encoder_hidden_states
+        return emphasise_embeddings(encoder_hidden_states, self._multiplier, self._rows, self._groups)
+
+    def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
+        if not self._active or self._term is None:
+            return plan
+        if self.mode == "attention":
+            return plan.scaled(self._term)
+        return plan.biased(self._term)
+
+    # ---- resolution (once per run) ----
+    def _resolve(self, prompts: tuple[str, ...] | None, ctx: StepContext) -> dict[int, dict[int, float]]:
+        """Token positions and weights of each conditional row of the batch."""
+        layout = ctx.layout
+        n_prompts = max(layout.prompt_of_row) + 1 if layout.size else 0
+        if self.per_prompt and len(self.weights) != n_prompts:
+            raise ValueError(
+                f"Reweight got weights for {len(self.weights)} prompt(s) but this pipeline call has {n_prompts} "
+                "prompt(s); give one dict per prompt (use {} for a prompt to leave as it is)"
+            )
+        tokenizer = self._session.tokenizer if self._session is not None else None
+        cache: dict[int, dict[int, float]] = {}
+        rows = {}
+        for row in layout.cond_rows:
+            p = layout.prompt_of_row[row]
+            if p not in cache:
+                weights = self.weights[p] if self.per_prompt else self.weights[0]
+                prompt = prompts[p] if prompts is not None and p < len(prompts) else None
+                cache[p] = resolve_positions(weights, prompt, tokenizer, prompt_index=p if n_prompts > 1 else None)
+            if cache[p]:
+                rows[row] = cache[p]
+        return rows
+
+    # ---- tensors (once per run, on the text input's device and dtype) ----
+    def _build(self, ehs: torch.Tensor) -> None:
+        batch, keys = int(ehs.shape[0]), int(ehs.shape[1])
+        key = (batch, keys, ehs.device, ehs.dtype)
+        if key == self._tensor_key:
+            return
+        multiplier = torch.ones(batch, keys, dtype=torch.float32)
+        for row, positions in self._row_weights.items():
+            if row >= batch:
+                raise ValueError(f"Reweight: batch row {row} is outside the UNet batch of {batch} rows")
+            for position, weight in positions.items():
+                if position >= keys:
+                    raise ValueError(
+                        f"Reweight: token position {position} is outside the {keys} text tokens of this model "
+                        f"(positions 0..{keys - 1})"
+                    )
+                multiplier[row, position] = weight
+        self._multiplier = multiplier.to(ehs.device)
+        if self.mode == "attention":
+            self._term = multiplier.to(device=ehs.device, dtype=ehs.dtype)
+        elif self.mode == "softmax":
+            self._term = multiplier.log().to(device=ehs.device, dtype=ehs.dtype)
+        else:
+            self._term = None
+            self._rows = torch.tensor(sorted(self._row_weights), dtype=torch.long, device=ehs.device)
+            self._groups = _feature_groups(self._session, int(ehs.shape[-1]))
+        self._tensor_key = key
+
+
+def resolve_positions(
+    weights: Mapping[Key, float], prompt: str | None, tokenizer, *, prompt_index: int | None = None
+) -> dict[int, float]:
+    """``{token position: weight}`` of one prompt, for weights keyed by word, phrase, (word, occurrence) or position.
+
+    Raises ``KeyError`` (listing the prompt's words) for a word not in the prompt, ``ValueError`` when two keys
+    give one token different weights; warns when a weighted word is cut off by the token limit.
+    """
+    where = "" if prompt_index is None else f" (prompt {prompt_index} of the batch)"
+    tokens: PromptTokens | None = None
+    chosen: dict[int, tuple[float, Key]] = {}
+    for key, weight in weights.items():
+        if isinstance(key, int):
+            positions = [key]
+        else:
+            if prompt is None:
+                raise ValueError(
+                    f"Reweight: the word {key!r} cannot be found because this pipeline call gave no prompt text "
+                    "(prompt_embeds?); weight token positions instead, e.g. {5: 1.5}"
+                )
+            if tokenizer is None:
+                raise ValueError(
+                    "Reweight: weighting words needs a tokenizer; use a pipeline, or pass tokenizer= to pc.control"
+                )
+            if tokens is None:
+                tokens = tokenize(tokenizer, prompt)
+            query, occurrence = key if isinstance(key, tuple) else (key, None)
+            try:
+                words = tokens.find(query, occurrence)
+            except KeyError as error:
+                raise KeyError(f"Reweight{where}: {error.args[0]}") from None
+            cut = [w.text for w in words if w in tokens.truncated]
+            if cut:
+                warnings.warn(
+                    f"Reweight{where}: the weighted word(s) {', '.join(map(repr, cut))} of {query!r} fall past the "
+                    f"{tokens.max_length}-token limit of the text encoder and are cut off; their weight applies only "
+                    "to the tokens that remain (shorten the prompt)",
+                    stacklevel=3,
+                )
+            positions = sorted({p for w in words for p in w.tokens})
+        for position in positions:
+            if position in chosen and chosen[position][0] != weight:
+                other_weight, other_key = chosen[position]
+                raise ValueError(
+                    f"Reweight{where}: conflicting weights for token position {position}: {other_key!r} gives "
+                    f"{other_weight} and {key!r} gives {weight}; give each word one weight"
+                )
+            chosen[position] = (weight, key)
+    return {p: w for p, (w, _) in sorted(chosen.items()) if w != 1.0}
+
+
+def _feature_groups(session: "Session | None", features: int) -> list[tuple[int, int]]:
+    """Feature slices of the text input, one per text encoder (SDXL concatenates two), for the mean restore."""
+    pipe = getattr(session, "pipe", None)
+    first = getattr(pipe, "text_encoder", None)
+    second = getattr(pipe, "text_encoder_2", None)
+    if first is not None and second is not None:
+        split = int(first.config.hidden_size)
+        if 0 < split < features:
+            return [(0, split), (split, features)]
+    return [(0, features)]
+
+
+def emphasise_embeddings(
+    ehs: torch.Tensor,  # (B, K, D)
+    multiplier: torch.Tensor,  # (B, K)
+    rows: torch.Tensor,  # (R,) rows to change
+    groups: list[tuple[int, int]],  # feature slices with their own mean
+) -> torch.Tensor:  # (B, K, D)
+    """A1111's emphasis on the given rows: ``z *= w`` per token, then ``z *= mean(z_original) / mean(z)``.
+
+    A1111 takes the mean over the whole tensor of one text encoder's output for the prompts encoded together;
+    here each row is its own prompt (identical for one prompt; prompts of a batch do not change each other).
+    """
+    z = ehs[rows].float()  # (R, K, D)
+    w = multiplier[rows].to(z.device)[..., None]  # (R, K, 1)
+    out = torch.empty_like(z)
+    for start, end in groups:
+        part = z[..., start:end]
+        original_mean = part.mean(dim=(1, 2), keepdim=True)
+        scaled = part * w
+        new_mean = scaled.mean(dim=(1, 2), keepdim=True)
+        out[..., start:end] = scaled * (original_mean / new_mean)
+    result = ehs.clone()
+    result[rows] = out.to(ehs.dtype)
+    return result
