@@ -1,0 +1,85 @@
+"""Self-attention injection (``self_steps``): edited rows attend with the source row's self-attention map.
+
+Prompt-to-prompt replaces the self-attention map of each edited image by the source image's on the first steps
+(``self_replace_steps``), which keeps the source's structure: ``out_edit = P_src @ V_edit = sdpa(q_src, k_src,
+v_edit)`` — one SDPA call with the source row's queries and keys, no map materialised.
+
+Where: prompt-to-prompt injects only at self-attention layers with at most 16² queries at 512² images, i.e. the
+two coarsest levels of SD 1.x (16² and the 8² middle). That rule is hard-wired to one image size; here it is
+``levels`` (downsampling levels, see :class:`~promptcontrol.sites.AttentionSite`), by default the two coarsest
+levels that have self-attention, which is the same layers at 512² and scales with the image size and model.
+Unconditional rows are left alone, as prompt-to-prompt does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from ..alignment import edit_rows
+from ..context import StepContext
+from ..plan import IDENTITY, AttentionPlan, AttentionTerm
+from ..schedule import WindowLike, window
+from ..sites import AttentionSite
+from .base import Controller
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..session import Session
+
+
+def default_self_levels(sites: Sequence[AttentionSite], count: int = 2) -> tuple[int, ...]:
+    """The ``count`` coarsest levels that have self-attention (prompt-to-prompt's ≤16² layers at 512²)."""
+    levels = sorted({s.level for s in sites if s.kind == "self"})
+    return tuple(levels[-count:])
+
+
+class InjectSelf(Controller):
+    """Edited rows take the source row's self-attention map on the steps of ``steps``.
+
+    steps:  a fraction or a ``(start, end)`` pair of the denoising steps (prompt-to-prompt's ``self_replace_steps``)
+    levels: the levels to inject at; ``None`` = the two coarsest levels with self-attention
+    """
+
+    def __init__(self, steps: WindowLike = 0.4, *, levels: Sequence[int] | None = None):
+        if isinstance(steps, dict):
+            raise TypeError("self_steps takes a fraction or a (start, end) pair; per-word schedules apply to cross_steps only")
+        self.window = window(steps, "self_steps")
+        self.levels = None if levels is None else tuple(int(v) for v in levels)
+        self._levels: tuple[int, ...] = ()
+        self._device: torch.device | str = "cpu"
+        self._plan: AttentionPlan = IDENTITY
+
+    def applies_to(self, site: AttentionSite) -> bool:
+        if site.kind != "self" or self.window.is_empty:
+            return False
+        return self.levels is None or site.level in self.levels
+
+    def bind(self, session: "Session") -> None:
+        self._levels = self.levels if self.levels is not None else default_self_levels(session.sites)
+        param = next(session.unet.parameters(), None)
+        self._device = param.device if param is not None else "cpu"
+
+    def unbind(self) -> None:
+        self._plan = IDENTITY
+
+    def begin_step(self, ctx: StepContext) -> None:
+        self._plan = IDENTITY
+        if ctx.total is None:
+            raise ValueError("self-attention injection needs the number of denoising steps; run it through a pipeline")
+        if not self.window.contains(ctx.index, ctx.total):
+            return
+        pairs = edit_rows(ctx.layout)
+        if not pairs:
+            return
+        rows = torch.arange(ctx.batch_size)
+        for row, source_row in pairs:
+            rows[row] = source_row
+        self._plan = AttentionPlan((AttentionTerm(qk_rows=rows.to(self._device)),))
+
+    def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
+        if self._plan.is_identity or site.level not in self._levels:
+            return plan
+        if not plan.is_identity:
+            raise ValueError("self-attention injection must come first among the controllers acting on self-attention")
+        return self._plan
