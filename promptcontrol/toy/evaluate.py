@@ -1,0 +1,287 @@
+"""Measure what a model draws against what its caption says (needs only the model).
+
+Pipeline of the measurement:
+
+1. ``eval_samples(n, seed)``: ``n`` captions from the world grammar (seeded, fixed across models);
+2. ``generate(pipe, samples)``: one image per caption, seed ``seed + i`` for caption ``i``;
+3. ``segment(image)``: each pixel → nearest palette colour (background included); per colour, the largest
+   4-connected component of at least ``MIN_AREA`` pixels is that colour's object (captions never repeat a
+   colour, see ``world``);
+4. ``caption_accuracy(generations)``: for every object the caption names —
+   colour: a blob of its colour exists; shape: that blob's shape (``classify_shape``: best IoU against the
+   circle / square / triangle prototypes fitted to the blob's bounding box) is the named one; position (only
+   objects with a named position): the blob's centroid lies on that side of the image centre along the
+   dominant axis. A missing blob counts as wrong for all three.
+
+The heat-map measurements (noun/adjective mIoU, own-object preference, edit layout IoU, weight
+monotonicity) reuse ``Generation`` (the image and its segments per caption object) and ``iou``; they add
+fields to ``TruthReport``, which prints every measured row in ``table()``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import world
+
+MIN_AREA = 10
+"""Smallest component (pixels, at 32×32) counted as an object; world objects have ≥ 50."""
+
+_PALETTE_NAMES = ("background",) + tuple(world.COLOURS)
+_PALETTE = np.array([world.BACKGROUND] + list(world.COLOURS.values()), np.float32)  # (5, 3)
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks of one shape (1.0 when both are empty)."""
+    if a.shape != b.shape:
+        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a (H, W) bool mask (empty mask → empty)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, bool)
+    best: list[tuple[int, int]] = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp, queue = [], deque([(y0, x0)])
+        seen[y0, x0] = True
+        while queue:
+            y, x = queue.popleft()
+            comp.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    queue.append((yy, xx))
+        if len(comp) > len(best):
+            best = comp
+    out = np.zeros_like(mask, bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def prototype(shape: str, h: int, w: int) -> np.ndarray:
+    """(h, w) bool mask of ``shape`` stretched to fill an h×w box, drawn like ``world.object_mask``."""
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    u, v = (u + 0.5) / w * 2 - 1, (v + 0.5) / h * 2 - 1  # [-1, 1] across the box
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return np.ones((h, w), bool)
+    if shape == "triangle":
+        return np.abs(u) <= (v + 1) / 2
+    raise ValueError(f"unknown shape {shape!r}: use one of {world.SHAPES}")
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
+    """Best-matching shape of a blob: IoU with each prototype fitted to its bounding box."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError("empty mask: nothing to classify")
+    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    scores = {s: iou(crop, prototype(s, *crop.shape)) for s in world.SHAPES}
+    return max(scores, key=scores.get), scores
+
+
+def side_of(cx: float, cy: float, size: int) -> str:
+    """Which named region a centroid is in: the side of the centre along the dominant axis."""
+    dx, dy = cx - size / 2, cy - size / 2
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@dataclass
+class Segment:
+    """One colour's object in a generated image. ``mask``: (H, W) bool; centroid in pixels (x, y)."""
+
+    colour: str
+    mask: np.ndarray
+    shape: str
+    cx: float
+    cy: float
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+def palette_labels(image: np.ndarray) -> np.ndarray:
+    """(H, W) int: index into ('background', *world.COLOURS) of each pixel's nearest palette colour."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    d = ((image.astype(np.float32)[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # (H, W, 5)
+    return d.argmin(-1)
+
+
+def segment(image: np.ndarray, min_area: int | None = None) -> dict[str, Segment]:
+    """Objects of an (H, W, 3) uint8 image by colour: {colour: Segment} for colours with a big enough blob."""
+    size = image.shape[0]
+    min_area = MIN_AREA * (size * image.shape[1]) // (world.SIZE ** 2) if min_area is None else min_area
+    labels = palette_labels(image)
+    out = {}
+    for k, name in enumerate(_PALETTE_NAMES[1:], start=1):
+        blob = largest_component(labels == k)
+        if blob.sum() < max(1, min_area):
+            continue
+        ys, xs = np.nonzero(blob)
+        out[name] = Segment(name, blob, classify_shape(blob)[0], float(xs.mean() + 0.5), float(ys.mean() + 0.5))
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """One evaluated caption: the world sample it came from, the seed, the image, its segments."""
+
+    sample: world.Sample
+    seed: int
+    image: np.ndarray  # (H, W, 3) uint8
+    segments: dict[str, Segment]
+
+    def segment_of(self, obj_index: int) -> Segment | None:
+        """The segment of the caption's object ``obj_index`` (by its colour), or None if not drawn."""
+        return self.segments.get(self.sample.scene.objects[obj_index].colour)
+
+
+def eval_samples(n: int = 48, seed: int = 1234) -> list[world.Sample]:
+    """The fixed evaluation captions (a seed disjoint from training's scene RNG streams)."""
+    return world.dataset(n, seed)
+
+
+@torch.no_grad()
+def generate(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
+             batch: int = 16) -> list[Generation]:
+    """Images for the samples' captions (caption i with generator seed ``seed + i``), segmented."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    gens: list[Generation] = []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        seeds = [seed + start + i for i in range(len(chunk))]
+        out = pipe([s.caption.text for s in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds], output_type="np")
+        images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)  # (B, H, W, 3)
+        gens += [Generation(s, sd, im, segment(im)) for s, sd, im in zip(chunk, seeds, images)]
+    return gens
+
+
+# --------------------------------------------------------------------------- caption accuracy
+
+
+@dataclass
+class CaptionAccuracy:
+    """Shares of the captions' objects drawn right; counts say how many claims each share is over."""
+
+    colour: float
+    shape: float
+    position: float
+    all_correct: float  # share of images where every claim of the caption holds
+    extra: float  # share of images showing a colour blob the caption does not name
+    n_images: int
+    n_objects: int
+    n_positions: int
+
+
+def caption_accuracy(gens: list[Generation]) -> CaptionAccuracy:
+    if not gens:
+        raise ValueError("no generations to score")
+    col = shp = pos = n_obj = n_pos = all_ok = extra = 0
+    for g in gens:
+        ok = True
+        named = {o.colour for o in g.sample.scene.objects}
+        extra += any(c not in named for c in g.segments)
+        for i, o in enumerate(g.sample.scene.objects):
+            seg = g.segment_of(i)
+            n_obj += 1
+            c = seg is not None
+            s = c and seg.shape == o.shape
+            col += c
+            shp += s
+            ok &= s
+            if g.sample.caption.objects[i].position is not None:
+                n_pos += 1
+                p = c and side_of(seg.cx, seg.cy, g.image.shape[0]) == o.position
+                pos += p
+                ok &= p
+        all_ok += ok
+    return CaptionAccuracy(col / n_obj, shp / n_obj, pos / n_pos if n_pos else float("nan"),
+                           all_ok / len(gens), extra / len(gens), len(gens), n_obj, n_pos)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class TruthReport:
+    """Every measured number; heat-map / edit / weight metrics are added as further optional fields."""
+
+    caption: CaptionAccuracy
+    settings: dict = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, float, str, str]]:
+        """(metric, value, target, counted over) for every measured number."""
+        c = self.caption
+        return [
+            ("colour accuracy", c.colour, ">= 0.95", f"{c.n_objects} objects"),
+            ("shape accuracy", c.shape, ">= 0.90", f"{c.n_objects} objects"),
+            ("position accuracy", c.position, ">= 0.80", f"{c.n_positions} named positions"),
+            ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
+            ("images with an extra colour", c.extra, "-", f"{c.n_images} images"),
+        ]
+
+    def table(self) -> str:
+        rows = self.rows()
+        lines = [f"{'metric':<30} {'value':>6}  {'target':<8} over"]
+        lines += [f"{m:<30} {v:>6.3f}  {t:<8} {n}" for m, v, t, n in rows]
+        if self.settings:
+            lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return "\n".join(lines)
+
+
+def evaluate(pipe, *, n: int = 48, seed: int = 1234, steps: int = 20, guidance_scale: float = 7.5) -> TruthReport:
+    """Caption accuracy of ``pipe`` on ``n`` seeded captions."""
+    gens = generate(pipe, eval_samples(n, seed), seed=seed, steps=steps, guidance_scale=guidance_scale)
+    return TruthReport(caption_accuracy(gens),
+                       {"n": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m promptcontrol.toy.evaluate",
+                                description="Caption accuracy of a model on captions from the toy world.")
+    p.add_argument("model", nargs="?", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--random", action="store_true", help="a random-weight model of the embedded shape instead")
+    p.add_argument("-n", type=int, default=48)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    a = p.parse_args(argv)
+    if a.random:
+        from .model import build_pipeline
+        pipe = build_pipeline()
+    else:
+        from ..loading import load_pipeline
+        pipe = load_pipeline(a.model)
+    report = evaluate(pipe, n=a.n, seed=a.seed, steps=a.steps, guidance_scale=a.guidance)
+    print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
