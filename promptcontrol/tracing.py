@@ -1,0 +1,86 @@
+"""``pc.trace(pipe)``: record cross-attention for the length of a ``with`` block, then ask for per-word heat maps.
+
+A thin layer over ``pc.control(pipe, AttentionStore(...))``::
+
+    with pc.trace(pipe) as tr:
+        out = pipe(["a red circle and a blue square", "a dog"], num_images_per_prompt=2)
+    maps = tr.heatmaps(image_index=0)
+    maps["circle"].overlay(out.images[0]).save("circle.png")
+
+The recordings stay in ``tr.store`` after the block ends; the UNet keeps nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .controllers.base import Controller
+from .controllers.store import AttentionStore
+from .heatmap import HeatMaps, build_heatmaps
+from .session import Session, control
+
+_STORE_OPTIONS = ("steps", "places", "levels", "sites", "per_step", "per_head", "dtype", "max_side", "device")
+
+
+class Trace:
+    """A recording session; ``with pc.trace(pipe) as tr`` gives this object back.
+
+    store:    the :class:`AttentionStore` holding the recordings
+    session:  the underlying :class:`~promptcontrol.session.Session` (``None`` outside the block)
+    """
+
+    def __init__(self, target: Any, store: AttentionStore, extra: tuple[Controller, ...], cfg, tokenizer):
+        self.target = target
+        self.store = store
+        self._extra = extra
+        self._cfg = cfg
+        self._tokenizer = tokenizer
+        self.session: Session | None = None
+        self._used = False
+
+    def __enter__(self) -> "Trace":
+        if self._used:
+            raise RuntimeError("this trace was already used; call pc.trace(pipe) again (the recordings stay in .store)")
+        self._used = True
+        session = control(self.target, self.store, *self._extra, cfg=self._cfg, tokenizer=self._tokenizer)
+        session.__enter__()
+        self.session = session
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.__exit__(exc_type, exc, tb)
+
+    @property
+    def num_images(self) -> int:
+        """How many images have been recorded (in generation order)."""
+        return self.store.num_images
+
+    def heatmaps(self, image_index: int = 0, **options) -> HeatMaps:
+        """Per-word :class:`HeatMaps` of recorded image ``image_index`` at that image's size.
+
+        Options (all documented in :mod:`promptcontrol.heatmap`): ``prompt`` (required when the pipeline got
+        embeddings only), ``steps`` (needs ``per_step=True``), ``heads`` (needs ``per_head=True``), ``places``,
+        ``levels``, ``sites``, ``weighting`` (``"level"`` default, ``"resolution"``, ``"layer"`` or a dict),
+        ``size``, ``interpolation`` (``"bilinear"`` default or ``"bicubic"``), ``normalize`` (``"word"`` default,
+        ``"global"`` or ``None``), ``tokenizer``.
+        """
+        return build_heatmaps(self.store, image_index, **options)
+
+    def __repr__(self) -> str:
+        state = "recording" if self.session is not None else "closed"
+        return f"Trace({state}, images={self.store.num_images})"
+
+
+def trace(target: Any, *controllers: Controller, cfg: bool | None = None, tokenizer=None, **options) -> Trace:
+    """Record the cross-attention of ``target`` (a pipeline or UNet) inside a ``with`` block.
+
+    ``options`` go to :class:`AttentionStore`: ``steps``, ``places``, ``levels``, ``sites``, ``per_step``,
+    ``per_head``, ``dtype``, ``max_side``, ``device``. Other ``controllers`` (e.g. ``pc.Reweight``) may run in the
+    same session; the store records each row's own attention before they change it.
+    """
+    unknown = sorted(set(options) - set(_STORE_OPTIONS))
+    if unknown:
+        raise TypeError(f"pc.trace got unknown option(s) {', '.join(unknown)}; options are: {', '.join(_STORE_OPTIONS)}")
+    return Trace(target, AttentionStore(**options), controllers, cfg, tokenizer)
