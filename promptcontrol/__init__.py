@@ -5,6 +5,9 @@ from .controllers.base import Controller, PassThrough
 from .plan import AttentionPlan, AttentionTerm
 from .session import Session, SessionError, control
 from .sites import AttentionSite, find_sites
+from .controllers.store import AttentionStore  # inspect: record cross-attention
+from .heatmap import HeatMap, HeatMaps
+from .tracing import Trace, trace
 
 from . import testing  # noqa: E402  (tiny offline pipelines)
 
