@@ -1,0 +1,193 @@
+"""``pc.generate``: prompt syntax → weights → one pipeline call.
+
+``generate(pipe, "a (red:2.0) circle and a blue square-", seed=0)`` parses the A1111 / compel syntax of each
+prompt (:func:`promptcontrol.parse_prompt`), turns the weighted character spans into token positions with the
+pipeline's tokenizer, and runs the pipeline on the *plain* prompts inside ``pc.control(pipe, pc.Reweight(...))``.
+
+Prompt editing (``[from:to:when]``, ``[a|b]``) needs a different text embedding from step ``when`` on. The
+pipeline encodes the first step's prompts as usual; every other prompt the schedule reaches is encoded once,
+before the run, with the pipeline's own ``encode_prompt``; a :class:`PromptSchedule` controller then swaps the
+conditional rows' text features (the UNet's ``encoder_hidden_states``) at the steps that use them, and one
+``Reweight`` per stretch of steps with the same weights applies that stretch's token positions. SDXL's pooled
+text embedding (an input of the time embedding, not of attention) stays the first step's one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+
+from .context import StepContext
+from .controllers.base import Controller
+from .controllers.reweight import Reweight
+from .prompt_syntax import ParsedPrompt, parse_prompt
+from .session import control
+from .sites import AttentionSite
+
+
+class PromptSchedule(Controller):
+    """Swap the conditional rows' text features per step (prompt editing).
+
+    ``table[step][prompt index]`` is the row of ``embeddings`` ``(N, K, D)`` that the prompt's conditional rows
+    use at that step, or ``None`` to keep the pipeline's own encoding (the first step's prompt).
+    """
+
+    def __init__(self, embeddings: torch.Tensor, table: list[list[int | None]]):
+        self.embeddings = embeddings  # (N, K, D)
+        self.table = table
+        self.total = len(table)
+
+    def applies_to(self, site: AttentionSite) -> bool:
+        return False  # acts on the UNet's text input only
+
+    def begin_step(self, ctx: StepContext) -> None:
+        if ctx.total is not None and ctx.total != self.total:
+            raise ValueError(
+                f"the prompt schedule was built for {self.total} steps but the pipeline runs {ctx.total}; pass "
+                "num_inference_steps to generate (img2img strength and custom timesteps change the count)"
+            )
+
+    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if ctx.index >= self.total:
+            return encoder_hidden_states
+        choice = self.table[ctx.index]
+        rows, sources = [], []
+        for row in ctx.layout.cond_rows:
+            prompt = ctx.layout.prompt_of_row[row]
+            if prompt < len(choice) and choice[prompt] is not None:
+                rows.append(row)
+                sources.append(choice[prompt])
+        if not rows:
+            return encoder_hidden_states
+        out = encoder_hidden_states.clone()
+        out[rows] = self.embeddings[sources].to(device=out.device, dtype=out.dtype)
+        return out
+
+
+def _default_steps(pipe) -> int:
+    parameter = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    if parameter is None or not isinstance(parameter.default, int):
+        raise ValueError("pass num_inference_steps: this pipeline has no default step count")
+    return parameter.default
+
+
+def _prompts(prompt: Any, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"generate: {name} must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def _plain_negative(negative: Any, compel: bool) -> Any:
+    """Negative prompts without syntax (their weights are not applied: Reweight leaves unconditional rows alone)."""
+    if negative is None:
+        return None
+    parsed = [parse_prompt(p, compel=compel) for p in _prompts(negative, "negative_prompt")]
+    if any(p.spans or p.is_scheduled for p in parsed):
+        warnings.warn(
+            "generate: weights and prompt editing in the negative prompt are not applied (only the syntax is removed)",
+            stacklevel=3,
+        )
+    plain = [p.prompt for p in parsed]
+    return plain[0] if isinstance(negative, str) else plain
+
+
+def _encode(pipe, texts: list[str], clip_skip: Any) -> torch.Tensor:
+    """Conditional text features ``(N, K, D)`` of ``texts``, by the pipeline's own ``encode_prompt``."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    kwargs = dict(prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    if clip_skip is not None:
+        kwargs["clip_skip"] = clip_skip
+    with torch.no_grad():
+        return pipe.encode_prompt(**kwargs)[0]
+
+
+def _weight_groups(per_step: list[tuple[dict, ...]]) -> list[tuple[list[int], tuple[dict, ...]]]:
+    """Steps with identical per-prompt weights, grouped: ``[(step indices, weights per prompt)]``."""
+    groups: dict[tuple, tuple[list[int], tuple[dict, ...]]] = {}
+    for step, weights in enumerate(per_step):
+        key = tuple(tuple(sorted(w.items())) for w in weights)
+        groups.setdefault(key, ([], weights))[0].append(step)
+    return [g for g in groups.values() if any(g[1])]
+
+
+def generate(
+    pipe,
+    prompt: str | list[str],
+    *,
+    seed: int | None = None,
+    mode: str = "attention",
+    compel: bool = True,
+    negative_prompt: str | list[str] | None = None,
+    **pipe_kwargs: Any,
+):
+    """Parse the weight syntax of ``prompt``, weight the words, run ``pipe``; returns the pipeline's ``.images``.
+
+    ``prompt``: one prompt or a list (a batch); A1111 emphasis and prompt editing, compel ``+``/``-``/``(..)N``.
+    ``seed``: seeds a CPU ``torch.Generator`` (ignored when ``generator=`` is passed). ``mode``: how weights act
+    (``"attention"``, ``"softmax"``, ``"embedding"``, see :class:`promptcontrol.Reweight`). ``compel=False``
+    reads ``+``/``-`` and ``(..)N`` as plain text. Every other keyword goes to the pipeline (``height``,
+    ``width``, ``num_inference_steps``, ``guidance_scale``, ``num_images_per_prompt``, ``output_type``, ...).
+
+    Returns ``pipe(...).images``: PIL images by default, a numpy array for ``output_type="np"``, latents for
+    ``output_type="latent"``. Works with SD 1.x / 2.x and SDXL pipelines (SDXL's two tokenizers share token
+    positions; ``prompt_2`` passes through as given).
+    """
+    for taken in ("prompt_embeds", "pooled_prompt_embeds"):
+        if pipe_kwargs.get(taken) is not None:
+            raise ValueError(f"generate parses prompt text; call the pipeline directly to pass {taken}")
+    prompts = _prompts(prompt, "prompt")
+    parsed: list[ParsedPrompt] = [parse_prompt(p, compel=compel) for p in prompts]
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None:
+        raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    if seed is not None and pipe_kwargs.get("generator") is None:
+        pipe_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
+    pipe_kwargs["negative_prompt"] = _plain_negative(negative_prompt, compel)
+
+    controllers: list[Controller] = []
+    weights_cache: dict[tuple, dict[int, float]] = {}
+
+    def weights_of(p: ParsedPrompt) -> dict[int, float]:
+        key = (p.prompt, p.spans)
+        if key not in weights_cache:
+            weights_cache[key] = p.token_weights(tokenizer)
+        return weights_cache[key]
+
+    if any(p.is_scheduled for p in parsed):
+        if pipe_kwargs.get("prompt_2") is not None:
+            raise ValueError("generate: prompt editing ([from:to:when]) with a separate prompt_2 is not supported")
+        total = int(pipe_kwargs.get("num_inference_steps") or _default_steps(pipe))
+        schedules = [p.schedule(total) for p in parsed]  # [prompt][step]
+        texts: list[str] = []
+        table: list[list[int | None]] = []
+        for step in range(total):
+            row: list[int | None] = []
+            for index, schedule in enumerate(schedules):
+                text = schedule[step].prompt
+                if text == schedules[index][0].prompt:
+                    row.append(None)
+                else:
+                    if text not in texts:
+                        texts.append(text)
+                    row.append(texts.index(text))
+            table.append(row)
+        if texts:
+            controllers.append(PromptSchedule(_encode(pipe, texts, pipe_kwargs.get("clip_skip")), table))
+        per_step = [tuple(weights_of(schedule[step]) for schedule in schedules) for step in range(total)]
+        for steps, weights in _weight_groups(per_step):
+            controllers.append(Reweight(list(weights), mode=mode, steps=None if len(steps) == total else steps))
+    else:
+        weights = [weights_of(p) for p in parsed]
+        if any(weights):
+            controllers.append(Reweight(weights, mode=mode))
+
+    plain = [schedule.prompt for schedule in parsed]
+    call_prompt = plain[0] if isinstance(prompt, str) else plain
+    if not controllers:
+        return pipe(prompt=call_prompt, **pipe_kwargs).images
+    with control(pipe, *controllers):
+        return pipe(prompt=call_prompt, **pipe_kwargs).images
