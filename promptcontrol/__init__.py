@@ -8,6 +8,9 @@ from .sites import AttentionSite, find_sites
 from .controllers.store import AttentionStore  # inspect: record cross-attention
 from .heatmap import HeatMap, HeatMaps
 from .tracing import Trace, trace
+from .controllers.reweight import Reweight  # emphasise: per-word weights
+from .prompt_syntax import ParsedPrompt, WeightedSpan, WeightedWord, parse_prompt
+from .generation import generate
 
 from . import testing  # noqa: E402  (tiny offline pipelines)
 

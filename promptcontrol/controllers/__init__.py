@@ -2,3 +2,4 @@
 
 from .base import Controller, PassThrough, check_controller
 from .store import AttentionStore
+from .reweight import Reweight
