@@ -8,6 +8,10 @@ from .sites import AttentionSite, find_sites
 from .controllers.store import AttentionStore  # inspect: record cross-attention
 from .heatmap import HeatMap, HeatMaps
 from .tracing import Trace, trace
+from .controllers.replace import Replace  # prompt-to-prompt edits
+from .controllers.refine import Refine
+from .controllers.blend import LocalBlend
+from .editing import EditResult, edit
 from .controllers.reweight import Reweight  # emphasise: per-word weights
 from .prompt_syntax import ParsedPrompt, WeightedSpan, WeightedWord, parse_prompt
 from .generation import generate

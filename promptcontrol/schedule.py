@@ -8,7 +8,8 @@ A schedule is given as
   the words are words or phrases of the *edited* prompt (as in prompt-to-prompt); words not named use
   ``"default"`` (or the caller's default when the dict has no ``"default"`` key).
 
-Step ``i`` of ``T`` is inside the window ``(start, end)`` when ``int(start * T) <= i < int(end * T)``, so
+Step ``i`` of ``T`` is inside the window ``(start, end)`` when ``int(start * T) <= i < int(end * T)`` (the same
+rule as ``pc.Reweight``'s fraction windows), so
 ``0.8`` of 50 steps is steps 0..39 and ``0`` is no step at all. (Prompt-to-prompt computes its cross window
 over ``T + 1`` rows and its self window over ``T``; this module uses ``T`` for both, which differs from it by
 at most one step at a window's end.)
@@ -36,7 +37,7 @@ class Window:
 
     def step_range(self, total: int) -> tuple[int, int]:
         """First step inside and first step after the window, for a run of ``total`` steps."""
-        return int(self.start * total), int(self.end * total)
+        return int(self.start * total + 1e-9), int(self.end * total + 1e-9)  # 0.7 * 10 is 7, not 6.999...
 
     def contains(self, index: int, total: int) -> bool:
         """Whether step ``index`` (0-based) of a run of ``total`` steps is inside the window."""

@@ -2,4 +2,8 @@
 
 from .base import Controller, PassThrough, check_controller
 from .store import AttentionStore
+from .replace import Replace
+from .refine import Refine
+from .inject import InjectSelf
+from .blend import LocalBlend
 from .reweight import Reweight

@@ -1,0 +1,193 @@
+"""``pc.edit``: edit a prompt and keep the layout — prompt-to-prompt in one call.
+
+One pipeline call generates the source prompt and every edited prompt as one batch from the same starting
+noise, with :class:`~promptcontrol.Replace` (same number of words) or :class:`~promptcontrol.Refine` (words
+added or removed) on the cross-attention, source self-attention injected on the first ``self_steps``, an
+optional equalizer on the edited prompts (``reweight``) and an optional :class:`~promptcontrol.LocalBlend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .alignment import TokenMap, refine_map, replace_map
+from .controllers.blend import LocalBlend
+from .controllers.inject import InjectSelf
+from .controllers.replace import PromptEdit
+from .schedule import ScheduleLike, WindowLike, window
+from .session import control
+from .tokens import PromptTokens
+
+MODES = ("auto", "replace", "refine")
+
+
+class AutoEdit(PromptEdit):
+    """Replace for each edited prompt with as many words as the source, Refine for the others."""
+
+    name = "edit"
+
+    def __init__(self, cross_steps: ScheduleLike = 0.8, *, mode: str = "auto", prompts: Sequence[str] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"edit mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode = mode
+        super().__init__(cross_steps, prompts=prompts)
+
+    def token_map(self, source: PromptTokens, edit: PromptTokens) -> TokenMap:
+        if self.mode == "replace" or (self.mode == "auto" and len(source.words) == len(edit.words)):
+            return replace_map(source, edit)
+        return refine_map(source, edit)
+
+
+@dataclass
+class EditResult:
+    """The images of one :func:`edit` call: ``source`` and one ``edited`` image per edited prompt."""
+
+    prompts: list[str]
+    images: list[Any]  # source first; PIL images unless output_type said otherwise
+    controllers: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def source(self):
+        return self.images[0]
+
+    @property
+    def edited(self) -> list[Any]:
+        return self.images[1:]
+
+    def grid(self, *, min_cell: int = 160, label: bool = True):
+        """A PIL image: source | edits, each labelled with its prompt (small images are enlarged)."""
+        from PIL import Image, ImageDraw
+
+        pictures = [_as_pil(image) for image in self.images]
+        w, h = pictures[0].size
+        factor = max(1, -(-min_cell // max(w, 1)))
+        cell_w, cell_h = w * factor, h * factor
+        band = 0
+        lines = [_wrap(p, cell_w) for p in self.prompts]
+        if label:
+            band = 12 * max(len(x) for x in lines) + 6
+        canvas = Image.new("RGB", (cell_w * len(pictures), cell_h + band), "white")
+        draw = ImageDraw.Draw(canvas)
+        for i, (picture, text) in enumerate(zip(pictures, lines)):
+            canvas.paste(picture.resize((cell_w, cell_h), Image.NEAREST), (i * cell_w, band))
+            if label:
+                for j, line in enumerate(text):
+                    draw.text((i * cell_w + 3, 3 + 12 * j), line, fill="black")
+        return canvas
+
+
+def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
+    per_line = max(4, width // char_px)
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > per_line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return (lines + [line]) if line else lines or [""]
+
+
+def _as_pil(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else image
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.dtype != "uint8":
+        array = (array.clip(0, 1) * 255).round().astype("uint8")
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    return Image.fromarray(array).convert("RGB")
+
+
+def _reweight_controller(reweight, edits: int):
+    from .controllers.reweight import Reweight
+
+    if isinstance(reweight, Reweight):
+        return reweight
+    if isinstance(reweight, Mapping):
+        return Reweight([{}] + [dict(reweight)] * edits)
+    if isinstance(reweight, Sequence) and not isinstance(reweight, str):
+        items = list(reweight)
+        if len(items) != edits:
+            raise ValueError(
+                f"reweight as a list needs one dict per edited prompt ({edits}), got {len(items)}; "
+                "or give one dict for every edited prompt"
+            )
+        return Reweight([{}] + [dict(x or {}) for x in items])
+    raise TypeError(f"reweight must be a dict {{word: weight}}, a list of them (one per edit) or a pc.Reweight, got {reweight!r}")
+
+
+def starting_noise(pipe, count: int, seed: int | None, pipe_kwargs: dict) -> torch.Tensor:
+    """Latents ``(count * images_per_prompt, C, h, w)``: one draw repeated for every prompt (same layout start)."""
+    per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
+    unet = pipe.unet
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    height = pipe_kwargs.get("height") or unet.config.sample_size * factor
+    width = pipe_kwargs.get("width") or unet.config.sample_size * factor
+    shape = (per_prompt, unet.config.in_channels, int(height) // factor, int(width) // factor)
+    generator = None if seed is None else torch.Generator("cpu").manual_seed(int(seed))
+    base = torch.randn(shape, generator=generator, dtype=torch.float32)
+    device = getattr(pipe, "_execution_device", None) or unet.device
+    return base.repeat(count, 1, 1, 1).to(device=device, dtype=unet.dtype)
+
+
+def edit(
+    pipe,
+    source: str,
+    edits: str | Sequence[str],
+    *,
+    cross_steps: ScheduleLike = 0.8,
+    self_steps: WindowLike = 0.4,
+    blend: Any = None,
+    reweight: Any = None,
+    seed: int | None = None,
+    mode: str = "auto",
+    self_levels: Sequence[int] | None = None,
+    blend_threshold: float = 0.3,
+    **pipe_kwargs,
+) -> EditResult:
+    """Generate ``source`` and each of ``edits`` from the same noise, keeping the source's layout.
+
+    cross_steps: fraction, ``(start, end)`` or per-word dict (words of the edited prompts, ``"default"``)
+    self_steps:  fraction or ``(start, end)``: steps on which the source self-attention is injected
+    blend:       words for :class:`LocalBlend` (a list, or one list per prompt), or a ``LocalBlend``
+    reweight:    ``{word: weight}`` for every edited prompt, a list of dicts (one per edit), or a ``pc.Reweight``
+    seed:        seed of the shared starting noise (``None``: a random draw, still shared)
+    mode:        ``"auto"`` (Replace for same word count, else Refine), ``"replace"`` or ``"refine"``
+    pipe_kwargs: passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``output_type``...)
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a prompt string, got {type(source).__name__}")
+    edits = [edits] if isinstance(edits, str) else list(edits)
+    if not edits or not all(isinstance(e, str) for e in edits):
+        raise ValueError(f"edits must be a prompt or a non-empty list of prompts, got {edits!r}")
+    for reserved in ("prompt", "prompt_embeds"):
+        if reserved in pipe_kwargs:
+            raise TypeError(f"pc.edit builds the prompt batch itself; do not pass {reserved}=")
+    prompts = [source, *edits]
+    controllers: list[Any] = [AutoEdit(cross_steps, mode=mode)]
+    if not window(self_steps, "self_steps").is_empty:
+        controllers.append(InjectSelf(self_steps, levels=self_levels))
+    if reweight is not None:
+        controllers.append(_reweight_controller(reweight, len(edits)))
+    if blend is not None:
+        controllers.append(blend if isinstance(blend, LocalBlend) else LocalBlend(blend, blend_threshold))
+    if "latents" in pipe_kwargs and pipe_kwargs["latents"] is not None:
+        latents = pipe_kwargs.pop("latents")
+        per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
+        if latents.shape[0] == per_prompt:
+            latents = latents.repeat(len(prompts), 1, 1, 1)
+    else:
+        pipe_kwargs.pop("latents", None)
+        latents = starting_noise(pipe, len(prompts), seed, pipe_kwargs)
+    with control(pipe, *controllers):
+        output = pipe(prompts, latents=latents, **pipe_kwargs)
+    images = output.images if hasattr(output, "images") else output[0]
+    return EditResult(prompts, list(images), controllers)

@@ -1,0 +1,214 @@
+"""``pc.edit`` end to end on a tiny pipeline: same noise, source untouched, identity edits, blend, reweight, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import promptcontrol as pc
+from promptcontrol.sites import attention_modules
+
+STEPS = 3
+SRC = "a red circle and a blue square"
+EDIT = "a green circle and a blue square"
+
+
+def alone(pipe, prompt, seed=0, **kwargs):
+    """The prompt generated on its own from the same starting noise as pc.edit(seed=seed)."""
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return pipe(prompt, latents=latents, num_inference_steps=STEPS, output_type="np", **kwargs).images[0]
+
+
+def processors(pipe):
+    return {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_zero_steps_gives_each_prompt_as_generated_alone(sd15, guidance):
+    out = pc.edit(
+        sd15, SRC, [EDIT, "a red circle on grass"], cross_steps=0, self_steps=0, seed=0,
+        num_inference_steps=STEPS, output_type="np", guidance_scale=guidance,
+    )
+    for prompt, image in zip(out.prompts, out.images):
+        np.testing.assert_allclose(image, alone(sd15, prompt, guidance_scale=guidance), atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_edit_never_changes_the_source_row(sd15, guidance):
+    before = processors(sd15)
+    out = pc.edit(
+        sd15, SRC, [EDIT, "a red circle and a big blue square"], cross_steps=1.0, self_steps=1.0, blend=["circle"],
+        reweight=[{"green": 2.0}, {"big": 0.5}], seed=0, num_inference_steps=STEPS, output_type="np",
+        guidance_scale=guidance,
+    )
+    np.testing.assert_allclose(out.source, alone(sd15, SRC, guidance_scale=guidance), atol=1e-5)
+    assert not np.allclose(out.edited[0], out.source, atol=1e-3)  # the edit did change its own image
+    assert processors(sd15) == before
+
+
+def test_editing_a_prompt_into_itself_gives_the_source(sd15):
+    out = pc.edit(sd15, SRC, [SRC, SRC], cross_steps=1.0, self_steps=1.0, seed=3, num_inference_steps=STEPS, output_type="np")
+    for image in out.edited:
+        np.testing.assert_allclose(image, out.source, atol=1e-5)
+
+
+def test_edit_differs_from_generating_the_edit_alone(sd15):
+    """With the maps injected the edit keeps the source layout: it moves away from the edit prompt's own image."""
+    injected = pc.edit(sd15, SRC, EDIT, cross_steps=1.0, self_steps=1.0, seed=0, num_inference_steps=STEPS, output_type="np")
+    own = alone(sd15, EDIT)
+    assert not np.allclose(injected.edited[0], own, atol=1e-4)
+
+
+def test_reweight_inside_an_edit_scales_the_replaced_map(sd15):
+    """Reweight after Replace: edited row map = (P_source @ M) * w, written out with explicit softmax."""
+    from promptcontrol.controllers.reweight import Reweight
+
+    site = [s for s in pc.find_sites(sd15.unet) if s.kind == "cross" and s.level == 1 and s.place == "up"][0]
+    module = attention_modules(sd15.unet, [site])[site.key]
+    seen = []
+    handle = module.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((args[0], kwargs["encoder_hidden_states"], out)), with_kwargs=True
+    )
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    try:
+        with torch.no_grad(), pc.control(sd15, pc.Replace(1.0), Reweight([{}, {"green": 2.0}])):
+            sd15(["a red circle", "a green circle"], latents=latents, num_inference_steps=STEPS, output_type="latent")
+    finally:
+        handle.remove()
+    hidden, ehs, out = seen[1]
+    with torch.no_grad():
+        heads = module.heads
+        q, k, v = module.to_q(hidden), module.to_k(ehs), module.to_v(ehs)
+        b, d = q.shape[0], q.shape[-1] // heads
+        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2) * d**-0.5
+        p = torch.exp(logits - logits.amax(-1, keepdim=True))
+        p = p / p.sum(-1, keepdim=True)
+        eq = torch.ones(p.shape[-1])
+        eq[2] = 2.0  # "green" is token 2 of "a green circle"
+        heads_out = p @ v
+        heads_out[3] = (p[2] * eq) @ v[3]
+        expected = module.to_out[0](heads_out.transpose(1, 2).reshape(b, -1, heads * d))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+class BlendReference:
+    """Prompt-to-prompt's LocalBlend mask written out: explicit softmax of the inputs captured at the blend sites
+    during the very run that blends (own maps: use with cross_steps=0)."""
+
+    def __init__(self, pipe):
+        from promptcontrol.controllers.blend import default_blend_levels
+
+        sites = pc.find_sites(pipe.unet)
+        level = default_blend_levels(sites)[0]
+        chosen = [s for s in sites if s.kind == "cross" and s.level == level and s.place in ("down", "up")]
+        self.pipe, self.calls = pipe, []
+        self.handles = [
+            m.register_forward_hook(
+                lambda m, a, kw, o: self.calls.append((m, a[0].clone(), kw["encoder_hidden_states"].clone())),
+                with_kwargs=True,
+            )
+            for m in attention_modules(pipe.unet, chosen).values()
+        ]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def mask(self, prompts, words_per_prompt, threshold, latent_hw):
+        tok = self.pipe.tokenizer
+        alphas = torch.zeros(len(prompts), 77)
+        for i, (prompt, words) in enumerate(zip(prompts, words_per_prompt)):
+            ids = tok(prompt)["input_ids"]
+            for word in words:
+                wid = tok(word)["input_ids"][1:-1]
+                for pos in range(len(ids)):
+                    if ids[pos : pos + len(wid)] == wid:
+                        alphas[i, pos : pos + len(wid)] = 1
+        total, count, n = 0, 0, len(prompts)
+        with torch.no_grad():
+            for m, hidden, ehs in self.calls:
+                q, k = m.to_q(hidden), m.to_k(ehs)
+                b, heads = q.shape[0], m.heads
+                d = q.shape[-1] // heads
+                q, k = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k))
+                logits = q @ k.transpose(-1, -2) * d**-0.5
+                p = torch.exp(logits - logits.amax(-1, keepdim=True))
+                p = (p / p.sum(-1, keepdim=True))[n:]  # conditional rows
+                total = total + (p * alphas[:, None, None, :]).sum(-1).sum(1)  # (n, Q)
+                count += heads
+        side = int(round(total.shape[-1] ** 0.5))
+        maps = (total / count).reshape(n, 1, side, side)
+        maps = F.max_pool2d(maps, 3, 1, 1)
+        maps = F.interpolate(maps, size=latent_hw)
+        maps = maps / maps.amax(dim=(2, 3), keepdim=True)
+        mask = maps > threshold
+        return mask[:1] | mask[1:]
+
+
+def test_local_blend_mask_matches_reference_and_keeps_source_outside(sd15):
+    prompts = [SRC, "a red circle and a blue star"]
+    words = [["square"], ["star"]]
+    blend = pc.LocalBlend(words, threshold=0.95, start=0.0)  # tiny random maps are nearly flat
+    reference = BlendReference(sd15)
+    try:
+        out = pc.edit(sd15, prompts[0], prompts[1], cross_steps=0, self_steps=0, blend=blend, seed=0,
+                      num_inference_steps=STEPS, output_type="latent")
+    finally:
+        reference.close()
+    union = reference.mask(prompts, words, 0.95, (16, 16))
+    got = blend.last_mask[0] | blend.last_mask[1]
+    assert torch.equal(got, union[0])
+    assert 0 < int(got.sum()) < got.numel()  # a real region, not all or nothing
+    source, edited = out.images[0], out.images[1]
+    outside = ~got.expand_as(edited)
+    assert torch.equal(edited[outside], source[outside])
+    assert not torch.allclose(edited[~outside], source[~outside])
+
+
+def test_local_blend_uses_the_maps_the_rows_used(sd15):
+    """Inside a full replace window the edited word's map is the source word's map, so both masks agree."""
+    blend = pc.LocalBlend([["red"], ["green"]], threshold=0.3, start=0.0)
+    pc.edit(sd15, SRC, EDIT, cross_steps=1.0, self_steps=0, blend=blend, seed=0, num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(blend.last_mask[0], blend.last_mask[1])
+
+
+def test_grid_labels_source_and_edits(sd15):
+    out = pc.edit(sd15, SRC, [EDIT, SRC], seed=0, num_inference_steps=2)
+    grid = out.grid()
+    cell = out.source.size[0] * max(1, -(-160 // out.source.size[0]))
+    assert grid.size[0] == 3 * cell and grid.size[1] > cell
+
+
+def test_blend_word_missing_lists_the_words_and_restores(sd15):
+    before = processors(sd15)
+    with pytest.raises(KeyError, match="its words are: a, green, circle"):
+        pc.edit(sd15, "a red circle", "a green circle", blend=["red"], seed=0, num_inference_steps=2, output_type="latent")
+    assert processors(sd15) == before
+    assert "encode_prompt" not in sd15.__dict__ and "step" not in sd15.scheduler.__dict__
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cross_steps=1.5), "outside \\[0, 1\\]"),
+        (dict(self_steps=-0.1), "outside \\[0, 1\\]"),
+        (dict(cross_steps=(0.6, 0.2)), "start is after end"),
+        (dict(cross_steps={"green": (0.9, 0.1)}), "start is after end"),
+        (dict(blend_threshold=2.0), "outside \\[0, 1\\]"),
+    ],
+)
+def test_bad_fractions_are_refused_before_anything_runs(sd15, kwargs, message):
+    before = processors(sd15)
+    with pytest.raises(ValueError, match=message):
+        pc.edit(sd15, "a red circle", "a green circle", blend=["circle"], seed=0, num_inference_steps=2, **kwargs)
+    assert processors(sd15) == before
+
+
+def test_replace_mode_with_different_word_counts_suggests_refine(sd15):
+    with pytest.raises(ValueError, match="use pc.Refine"):
+        pc.edit(sd15, "a red circle", "a big red circle", mode="replace", seed=0, num_inference_steps=2, output_type="latent")
+    out = pc.edit(sd15, "a red circle", "a big red circle", seed=0, num_inference_steps=2, output_type="latent")
+    assert out.images.__len__() == 2
