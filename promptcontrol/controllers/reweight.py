@@ -391,6 +391,7 @@ def emphasise_embeddings(
 
     A1111 takes the mean over the whole tensor of one text encoder's output for the prompts encoded together;
     here each row is its own prompt (identical for one prompt; prompts of a batch do not change each other).
+    Where a mean is ~0 (< 1e-4 of the mean absolute feature) the mean is not restored.
     """
     z = ehs[rows].float()  # (R, K, D)
     w = multiplier[rows].to(z.device)[..., None]  # (R, K, 1)
@@ -400,7 +401,12 @@ def emphasise_embeddings(
         original_mean = part.mean(dim=(1, 2), keepdim=True)
         scaled = part * w
         new_mean = scaled.mean(dim=(1, 2), keepdim=True)
-        out[..., start:end] = scaled * (original_mean / new_mean)
+        # A1111 divides by the new mean unguarded; where either mean is ~0 relative to the features' magnitude
+        # (untrained text encoders, final LayerNorm without bias) the ratio is meaningless, so it is left at 1.
+        tiny = 1e-4 * part.abs().mean(dim=(1, 2), keepdim=True)
+        sane = (original_mean.abs() > tiny) & (new_mean.abs() > tiny)
+        ratio = torch.where(sane, original_mean / torch.where(sane, new_mean, torch.ones_like(new_mean)), 1.0)
+        out[..., start:end] = scaled * ratio
     result = ehs.clone()
     result[rows] = out.to(ehs.dtype)
     return result
