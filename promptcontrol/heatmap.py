@@ -484,7 +484,8 @@ class HeatMaps:
         """Raw maps (H, W) of a word at each recorded step: [(step, map)] (needs ``per_step=True``)."""
         if self._step_levels is None:
             raise ValueError(
-                "per-step maps were not recorded: use pc.trace(pipe, per_step=True) for the per-step strip"
+                "no per-step maps for these heat maps: record with pc.trace(pipe, per_step=True) for the per-step "
+                "strip (per_step='level' keeps them for whole levels only, not for a choice of places, sites or heads)"
             )
         positions = self._positions(query, occurrence)
         chosen = list(self._recorded_steps if steps is None else steps)
@@ -540,6 +541,19 @@ def _site_selection(sites, places, levels) -> Callable[[AttentionSite], bool]:
         return True
 
     return keep
+
+
+def _level_step_maps(store, index: int, chosen: list[AttentionSite], steps: list[int], weighting) -> list[Level]:
+    """Levels from per-level step maps (``per_step="level"``): each level's stored mean, weighted as usual."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for site in chosen:
+        groups.setdefault(site.level, [])
+    for level in groups:
+        m = store.level_map(index, level, steps)
+        n = store.image(index).run.level_sites.get(level, 1)
+        groups[level] = [m] * n  # the same mean once per site, so that weighting="layer" counts sites
+    weights = level_weights(groups, weighting)
+    return [(weights[lv], maps[0]) for lv, maps in sorted(groups.items()) if weights[lv] > 0]
 
 
 def build_heatmaps(
@@ -598,8 +612,18 @@ def build_heatmaps(
         recorded = sorted({(s.place, s.level) for s in store.recorded_sites(image.index)})
         raise ValueError(f"no recorded site matches places={places}, levels={levels}, sites={sites}; recorded (place, level): {recorded}")
     steps = None if steps is None else list(steps)
-    site_maps = [(s, store.site_map(image.index, s, steps=steps, heads=heads)) for s in chosen]
-    levels_ = aggregate(site_maps, weighting)
+    # per-level step maps mix every recorded site of a level: a choice of places/sites cannot apply to them
+    by_level = store.per_step == "level" and places is None and sites is None
+    if steps is not None and store.per_step == "level" and not by_level:
+        raise ValueError(
+            "per-step maps were kept per level (per_step='level'), so steps= cannot be combined with places= or "
+            "sites=; choose places/sites when recording (pc.trace(pipe, places=...)) or use per_step=True"
+        )
+    if by_level and steps is not None:
+        levels_ = _level_step_maps(store, image.index, chosen, steps, weighting)
+    else:
+        site_maps = [(s, store.site_map(image.index, s, steps=steps, heads=heads)) for s in chosen]
+        levels_ = aggregate(site_maps, weighting)
     k = levels_[0][1].shape[0]
     if tokens.max_length != k:
         warnings.warn(
@@ -614,10 +638,15 @@ def build_heatmaps(
         size = (size, size)
     step_levels = None
     recorded_steps = image.run.steps
-    if store.per_step and heads is None:
+    if store.per_step == "site" and heads is None:
 
         def step_levels(step: int) -> list[Level]:
             return aggregate([(s, store.site_map(image.index, s, steps=[step])) for s in chosen], weighting)
+
+    elif by_level and heads is None:
+
+        def step_levels(step: int) -> list[Level]:
+            return _level_step_maps(store, image.index, chosen, [step], weighting)
 
     return HeatMaps(
         levels_,

@@ -242,3 +242,20 @@ def test_errors_before_recording_out_of_range_and_embeddings(sd15):
         warnings.simplefilter("error")
         maps = tr.heatmaps(0, prompt="a red circle")
     assert maps.words == ["a", "red", "circle"]
+
+
+def test_steps_from_per_level_step_maps(sd15):
+    with pc.trace(sd15, per_step="level", dtype=torch.float32) as tr:
+        sd15("a red circle", num_inference_steps=3, output_type="latent")
+    maps = tr.heatmaps(0, steps=[1, 2], normalize=None)
+    pos = maps.tokens.positions("circle")
+    ref = torch.zeros(32, 32)
+    for level in (0, 1):
+        mean = torch.stack([tr.store.image(0).run.level_steps[s][level][0] for s in (1, 2)]).mean(0)[pos].sum(0)
+        ref += 0.5 * F.interpolate(mean[None, None], size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(maps["circle"].tensor, ref, atol=1e-6, rtol=1e-5)
+    assert [s for s, _ in tr.heatmaps(0).step_maps("circle")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="per level"):
+        tr.heatmaps(0, steps=[1], places=["up"])
+    with pytest.raises(ValueError, match="per_step=True"):
+        tr.heatmaps(0, places=["up"]).strip("circle")

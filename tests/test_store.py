@@ -227,3 +227,35 @@ def test_sites_option_accepts_module_paths(sd15):
     with pc.trace(sd15, sites=[site.module_path]) as tr:
         sd15("a cat", num_inference_steps=2, output_type="latent")
     assert [s.key for s in tr.store.recorded_sites(0)] == [site.key]
+
+
+def test_memory_estimate_from_shapes_matches_the_store(sd15):
+    from promptcontrol.controllers.store import estimate_bytes
+
+    with pc.trace(sd15, per_step=True, per_head=True, max_side=8) as tr:
+        sd15(["a cat", "a dog"], height=32, width=48, num_inference_steps=3, output_type="latent")
+    sites = tr.store.recorded_sites(0)
+    est = estimate_bytes(sites, (16, 24), steps=3, images=2, per_step=True, per_head=True, max_side=8)
+    assert est["total"] == tr.store.memory_bytes()
+    assert est["sums"] == 2 * sum(16 * 24 if s.level == 0 else 8 * 12 for s in sites) * 77 * 4
+
+
+def test_per_step_by_level_keeps_one_map_per_level_and_step(tiny_pipes):
+    from promptcontrol.controllers.store import estimate_bytes
+
+    pipe = tiny_pipes("sdxl")
+    with pc.trace(pipe, per_step="level", dtype=torch.float32, max_side=None) as site_level:
+        pipe("a red circle", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    with pc.trace(pipe, per_step=True, dtype=torch.float32, max_side=None) as per_site:
+        pipe("a red circle", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    run = site_level.store.image(0).run
+    sites = site_level.store.recorded_sites(0)
+    assert sorted(run.level_steps[1]) == [0, 1] and not run.step_maps
+    assert run.level_sites == {0: 3, 1: 8}
+    for level in (0, 1):  # the stored level map is the mean of that level's per-site maps at that step
+        ref = torch.stack([per_site.store.site_map(0, s, steps=[1]) for s in sites if s.level == level]).mean(0)
+        torch.testing.assert_close(site_level.store.level_map(0, level, [1]), ref, atol=1e-5, rtol=1e-4)
+    est = estimate_bytes(sites, (16, 16), steps=2, per_step="level", dtype=torch.float32, max_side=None)
+    assert est["total"] == site_level.store.memory_bytes()
+    with pytest.raises(ValueError, match="per level"):
+        site_level.store.site_map(0, sites[0], steps=[0])

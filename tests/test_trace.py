@@ -74,7 +74,7 @@ def test_sdxl_and_non_square(tiny_pipes):
     maps = tr.heatmaps(0)
     assert maps["circle"].shape == (32, 48)
     levels = sorted({s.level for s in maps.sites})
-    assert levels == [0, 1] and [w for w, _ in maps.level_weights] == [0.5, 0.5]  # 4 vs 8 sites, equal say
+    assert levels == [0, 1] and [w for w, _ in maps.level_weights] == [0.5, 0.5]  # 3 vs 8 sites, equal say
 
 
 def test_guidance_one_records_the_single_conditional_batch(sd15):

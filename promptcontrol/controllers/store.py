@@ -5,9 +5,11 @@ What is kept (per pipeline run, for the conditional rows only, one slice per out
 * default — one running sum per cross-attention site, summed over the recorded steps and over heads, at the
   site's own resolution, float32, on the device attention runs on. Memory does not grow with the number of
   steps: ``images × sum over sites (h·w) × tokens × 4`` bytes.
-* ``per_step=True`` — also each recorded step's map per site (mean over heads), moved to the CPU at ``dtype``
-  (float16 by default) and average-pooled so that no side exceeds ``max_side``. Needed for
+* ``per_step=True`` (or ``"site"``) — also each recorded step's map per site (mean over heads), moved to the CPU
+  at ``dtype`` (float16 by default) and average-pooled so that no side exceeds ``max_side``. Needed for
   ``heatmaps(steps=...)`` after the run and for the per-step strip.
+* ``per_step="level"`` — the same, but one map per step and level (the mean of the level's recorded sites),
+  so SDXL keeps 2 maps per step instead of 70; sites can then no longer be told apart per step.
 * ``per_head=True`` — also a running sum per head per site, on the CPU (float32, since it accumulates), at the
   same resolution cap. Needed for ``heatmaps(heads=...)``.
 
@@ -48,7 +50,9 @@ class RunRecord:
     counts[key]:     number of (step × head) maps added to ``sums[key]``
     head_sums[key]:  (N, heads, K, h', w') float32 on CPU — summed over steps (``per_head``)
     head_counts[key]: number of steps added to ``head_sums[key]``
-    step_maps[step][key]: (N, K, h', w') at the store's dtype on CPU — mean over heads (``per_step``)
+    step_maps[step][key]: (N, K, h', w') at the store's dtype on CPU — mean over heads (``per_step="site"``)
+    level_steps[step][level]: (N, K, h', w') at the store's dtype on CPU — mean over heads and the level's sites
+                     (``per_step="level"``); ``level_sites[level]``: how many sites went into each
     grids[key]:      the site's (h, w); ``small_grids[key]``: (h', w') after the resolution cap
     """
 
@@ -62,6 +66,8 @@ class RunRecord:
     head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     head_counts: dict[str, int] = field(default_factory=dict)
     step_maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    level_steps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    level_sites: dict[int, int] = field(default_factory=dict)
     timesteps: dict[int, float] = field(default_factory=dict)
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     small_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -115,6 +121,52 @@ def pool_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(flat, hw).reshape(*lead, *hw)
 
 
+def estimate_bytes(
+    sites: Iterable[AttentionSite],
+    latent_hw: tuple[int, int],
+    *,
+    steps: int = 50,
+    images: int = 1,
+    tokens: int = 77,
+    per_step: bool | str = False,
+    per_head: bool = False,
+    dtype: torch.dtype = torch.float16,
+    max_side: int | None = 32,
+) -> dict[str, int]:
+    """Bytes an :class:`AttentionStore` holds for ``images`` images after ``steps`` recorded steps, from shapes.
+
+    ``sites``: the recorded sites (cross sites are kept, self sites ignored). Returns the bytes of the running
+    sums (``"sums"``, float32, independent of ``steps``), the per-head sums (``"per_head"``, float32) and the
+    per-step maps (``"per_step"``, at ``dtype``), and their ``"total"``.
+    """
+    sums = heads_bytes = step_bytes = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_step = _per_step_mode(per_step)
+    seen_levels = set()
+    for site in sites:
+        if not site.is_cross:
+            continue
+        h, w = grid_for(latent_hw, site.level)
+        sh, sw = capped_grid((h, w), max_side)
+        sums += images * h * w * tokens * 4
+        if per_head:
+            heads_bytes += images * site.heads * sh * sw * tokens * 4
+        if per_step == "site" or (per_step == "level" and site.level not in seen_levels):
+            step_bytes += steps * images * sh * sw * tokens * itemsize
+        seen_levels.add(site.level)
+    return {"sums": sums, "per_head": heads_bytes, "per_step": step_bytes, "total": sums + heads_bytes + step_bytes}
+
+
+def _per_step_mode(per_step) -> str | None:
+    if per_step is True or per_step == "site":
+        return "site"
+    if per_step == "level":
+        return "level"
+    if per_step is False or per_step is None:
+        return None
+    raise ValueError(f"per_step must be False, True (= 'site') or 'level'; got {per_step!r}")
+
+
 def _step_filter(steps) -> Callable[[StepContext], bool]:
     if steps is None:
         return lambda ctx: True
@@ -141,7 +193,8 @@ class AttentionStore(Controller):
     places:   subset of ``("down", "mid", "up")`` to record (``None``: all)
     levels:   downsampling levels to record (0 = latent resolution; ``None``: all)
     sites:    processor keys or module paths to record, or ``f(site) -> bool`` (``None``: all cross sites)
-    per_step: also keep each step's map per site (CPU, ``dtype``, sides capped at ``max_side``)
+    per_step: also keep each step's map per site (``True``/``"site"``) or per level (``"level"``) on the CPU at
+              ``dtype`` with sides capped at ``max_side``
     per_head: also keep a running sum per head per site (CPU, float32, sides capped at ``max_side``)
     dtype:    storage dtype of the per-step maps (default float16)
     max_side: resolution cap of per-step / per-head maps (``None``: full resolution)
@@ -155,7 +208,7 @@ class AttentionStore(Controller):
         places: Iterable[str] | None = None,
         levels: Iterable[int] | None = None,
         sites: Iterable[str] | Callable[[AttentionSite], bool] | None = None,
-        per_step: bool = False,
+        per_step: bool | str = False,
         per_head: bool = False,
         dtype: torch.dtype = torch.float16,
         max_side: int | None = 32,
@@ -178,7 +231,7 @@ class AttentionStore(Controller):
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16); got {dtype!r}")
         if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
             raise ValueError(f"max_side must be a positive int or None (full resolution); got {max_side!r}")
-        self.per_step = bool(per_step)
+        self.per_step = _per_step_mode(per_step)  # None, "site" or "level"
         self.per_head = bool(per_head)
         self.dtype = dtype
         self.max_side = max_side
@@ -195,6 +248,7 @@ class AttentionStore(Controller):
         self._recording = False
         self._rows: tuple[int, ...] = ()
         self._row_index: dict[torch.device, torch.Tensor] = {}
+        self._level_acc: dict[int, list] = {}  # level → [sum (N, Q, K) of head means, sites, grid] this step
 
     # ---- selection ---------------------------------------------------------------------------------------
     def _selected(self, site: AttentionSite) -> bool:
@@ -237,6 +291,7 @@ class AttentionStore(Controller):
             self.scale_factor = factor
 
     def unbind(self) -> None:
+        self._level_acc = {}
         self._current = None
         self._recording = False
         self._row_index = {}
@@ -256,6 +311,14 @@ class AttentionStore(Controller):
 
     def end_step(self, ctx: StepContext) -> None:
         self._recording = False
+        if self._level_acc and self._current is not None:
+            run = self._current
+            maps = run.level_steps.setdefault(ctx.index, {})
+            for level, (total, count, grid) in self._level_acc.items():
+                mean = pool_to(to_grid(total / count, grid), capped_grid(grid, self.max_side))
+                maps[level] = mean.to("cpu", self.dtype)  # (N, K, h', w')
+                run.level_sites[level] = count
+        self._level_acc = {}
 
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self._recording
@@ -315,9 +378,16 @@ class AttentionStore(Controller):
             else:
                 run.head_sums[site.key] = per_head.clone()
             run.head_counts[site.key] = run.head_counts.get(site.key, 0) + 1
-        if self.per_step:
+        if self.per_step == "site":
             mean = pool_to(to_grid(summed / heads, grid), small)  # (N, K, h', w')
             run.step_maps.setdefault(ctx.index, {})[site.key] = mean.to("cpu", self.dtype)
+        elif self.per_step == "level":
+            acc = self._level_acc.get(site.level)
+            if acc is None:
+                self._level_acc[site.level] = [summed / heads, 1, grid]
+            else:
+                acc[0] = acc[0] + summed / heads
+                acc[1] += 1
 
     # ---- reading -----------------------------------------------------------------------------------------
     @property
@@ -371,6 +441,11 @@ class AttentionStore(Controller):
         if steps is not None and heads is not None:
             raise ValueError("choose steps or heads, not both: per-step maps are kept as the mean over heads")
         if steps is not None:
+            if self.per_step == "level":
+                raise ValueError(
+                    "per-step maps were kept per level (per_step='level'): use level_map(index, level, steps) or "
+                    "record with per_step=True to keep them per site"
+                )
             if not self.per_step:
                 raise ValueError(
                     "selecting steps after the run needs per-step maps: record with pc.trace(pipe, per_step=True) "
@@ -395,12 +470,25 @@ class AttentionStore(Controller):
         mean = run.sums[key][image.slot] / run.counts[key]  # (Q, K)
         return to_grid(mean.float(), run.grids[key])
 
+    def level_map(self, index: int, level: int, steps: Iterable[int]) -> torch.Tensor:
+        """Mean map (K, h', w') float32 at ``level`` over ``steps``, from per-level per-step maps (``per_step="level"``)."""
+        if self.per_step != "level":
+            raise ValueError("level_map needs per-step maps kept per level: record with per_step='level'")
+        image = self.image(index)
+        run = image.run
+        steps = list(steps)
+        missing = [s for s in steps if level not in run.level_steps.get(s, {})]
+        if missing or not steps:
+            raise ValueError(f"steps {missing or steps} were not recorded at level {level}; recorded steps: {run.steps}")
+        return torch.stack([run.level_steps[s][level][image.slot].float() for s in steps]).mean(dim=0)
+
     def memory_bytes(self) -> int:
         """Bytes held by the recorded tensors (running sums, per-head sums, per-step maps)."""
         total = 0
         for run in self.runs:
             tensors = [*run.sums.values(), *run.head_sums.values()]
             tensors += [t for step in run.step_maps.values() for t in step.values()]
+            tensors += [t for step in run.level_steps.values() for t in step.values()]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 

@@ -1,0 +1,167 @@
+"""Cost of recording cross-attention (``pc.trace``) against stock diffusers, in one run; and the store's memory.
+
+SD 1.5-architecture UNet (published config, random weights), batch 2 (CFG), ``--steps`` UNet calls per timing
+(a fresh trace each timing, so the store's running sums are created and then added to). Cases run interleaved
+after warm-up (``benchmarks/harness.py``); ratios are medians of per-round ratios with their min–max.
+
+Peak memory: on CUDA the allocator's peak (the harness); on CPU the peak of live tensor bytes allocated during
+the timed calls, counted by a ``TorchDispatchMode`` in separate, untimed runs (parameters and inputs excluded).
+
+DAAM: ``pip install --no-deps daam`` (0.2.0) installs but does not import on its own: it imports spacy, scipy,
+nltk... at module level (its pinned dependencies), so it is not compared here.
+
+CPU:  ``python -m benchmarks.record``                 (256×256, latent 32×32)
+GPU:  ``python -m benchmarks.record --device cuda --dtype float16 --size 512``
+Memory table only (arithmetic from shapes, no weights): ``python -m benchmarks.record --memory``
+"""
+
+from __future__ import annotations
+
+import argparse
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import promptcontrol as pc
+
+from .harness import Case, compare, machine, markdown_table, save
+from .models import SD15_CONFIG, SDXL_CONFIG, sd15_unet, unet_inputs
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the mode (storages in ``exclude`` are not counted)."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude = exclude
+        self.live: dict[int, list[int]] = {}  # data_ptr → [nbytes, tensors alive]
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if ptr == 0 or ptr in self.exclude:
+            return
+        entry = self.live.get(ptr)
+        if entry is None:
+            self.live[ptr] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[ptr]
+
+
+def cpu_peak_bytes(case: Case, unet, inputs) -> int:
+    """Peak live tensor bytes of one untimed run of ``case`` (CPU)."""
+    exclude = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    exclude |= {b.untyped_storage().data_ptr() for b in unet.buffers()}
+    exclude |= {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
+    with case.context():
+        mode = PeakTensorBytes(exclude)
+        with torch.inference_mode(), mode:
+            case.run()
+        return mode.peak
+
+
+def memory_table(steps: int = 50) -> str:
+    """The store's memory for SD 1.5 at 512² and SDXL at 1024² (one image), from the sites' shapes."""
+    from diffusers import UNet2DConditionModel
+
+    from promptcontrol.controllers.store import estimate_bytes
+
+    rows = []
+    for name, config, size in (("SD 1.5", SD15_CONFIG, 512), ("SDXL", SDXL_CONFIG, 1024)):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        sites = [s for s in pc.find_sites(unet) if s.is_cross]
+        latent = (size // 8, size // 8)
+        levels = {}
+        for s in sites:
+            levels.setdefault(pc.sites.grid_for(latent, s.level), []).append(s)
+        layout = ", ".join(f"{len(v)}×{h}²" for (h, _), v in sorted(levels.items(), reverse=True))
+        options = [
+            ("default (running sums)", {}),
+            ("per_step (float16, max_side=32)", dict(per_step=True)),
+            ("per_step='level' (float16, max_side=32)", dict(per_step="level")),
+            ("per_step (float16, full resolution)", dict(per_step=True, max_side=None)),
+            ("per_head (float32, max_side=32)", dict(per_head=True)),
+        ]
+        for label, kw in options:
+            est = estimate_bytes(sites, latent, steps=steps, **kw)
+            rows.append(f"| {name} {size}² | {layout} | {label} | {est['total'] / 2**20:,.1f} MiB |")
+    head = [
+        f"**AttentionStore memory per image, {steps} steps, 77 tokens (arithmetic from the sites' shapes)**",
+        "",
+        "| model | cross sites (count × grid) | store options | memory / image |",
+        "| --- | --- | --- | ---: |",
+    ]
+    return "\n".join(head + rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3, help="UNet calls per timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--out", default="benchmarks/results/record")
+    parser.add_argument("--memory", action="store_true", help="print the memory table only")
+    args = parser.parse_args(argv)
+
+    if args.memory:
+        text = memory_table()
+        print(text)
+        return text
+
+    dtype = getattr(torch, args.dtype)
+    unet = sd15_unet(dtype=dtype, device=args.device)
+    inputs = unet_inputs(unet, args.size, batch=2)
+
+    def steps():
+        for i in range(args.steps):
+            unet(**{**inputs, "timestep": inputs["timestep"] - 10 * i})
+
+    cross = sum(s.is_cross for s in pc.find_sites(unet))
+    cases = [
+        Case("stock AttnProcessor2_0", steps),
+        Case(f"pc.trace, default (all {cross} cross sites, every step)", steps, lambda: pc.trace(unet, cfg=True)),
+        Case("pc.trace, per_step=True (CPU float16, max_side=32)", steps, lambda: pc.trace(unet, cfg=True, per_step=True)),
+        Case("pc.trace, places=('up',)", steps, lambda: pc.trace(unet, cfg=True, places=("up",))),
+    ]
+    results = compare(cases, repeats=args.repeats, device=args.device)
+    if args.device == "cpu":
+        peaks = [cpu_peak_bytes(c, unet, inputs) for c in cases]
+        for r, p in zip(results, peaks):
+            r.peak_mb, r.peak_ratio = p / 2**20, p / peaks[0]
+    title = (
+        f"Recording cost: SD 1.5 UNet, {args.size}×{args.size}, batch 2, {args.steps} steps per timing, "
+        f"{args.dtype}, {machine()}"
+    )
+    table = markdown_table(title, results, {cases[1].name: 1.15})
+    save(f"{args.out}-{args.device}-{args.dtype}-{args.size}", title, results, {"markdown": table})
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
