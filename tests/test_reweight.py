@@ -393,3 +393,30 @@ def test_words_need_prompt_text():
     with pytest.raises(ValueError, match="prompt text"):
         with pc.control(unet, pc.Reweight({"red": 2.0})), torch.no_grad():
             unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 77, 32))
+
+
+def test_each_pipeline_call_resolves_its_own_prompt(sd15):
+    controller = pc.Reweight({"red": 2.0})
+    maps = []
+    with pc.control(sd15, controller) as session:
+        site = next(s for s in session.sites if s.module_path == SITE)
+        module = sd15.unet.get_submodule(SITE)
+
+        def hook(mod, args, kw, output):
+            hs, ehs = args[0], kw["encoder_hidden_states"]
+            q, k = split_heads(mod.to_q(hs), mod.heads), split_heads(mod.to_k(ehs), mod.heads)
+            eye = torch.eye(k.shape[2]).expand(q.shape[0], q.shape[1], k.shape[2], k.shape[2])
+            plan = controller.plan(site, session.context, IDENTITY)
+            maps.append((run_plan(plan, q, k, eye, None), explicit_probs(mod, hs, ehs)))
+
+        handle = module.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                run(sd15, "a red car", steps=1)  # red = position 2
+                run(sd15, "a big red car", steps=1)  # red = position 3
+        finally:
+            handle.remove()
+    for (effective, explicit), position in zip(maps, (2, 3)):
+        scale = torch.ones(effective.shape[-1])
+        scale[position] = 2.0
+        assert (effective[1] - explicit[1] * scale).abs().max() <= 1e-6
