@@ -189,7 +189,8 @@ class Reweight(Controller):
     ``weights``: ``{word or phrase: w}``, ``{token position: w}``, ``{(word, occurrence): w}`` (occurrence 1 =
     first), or a list of such dicts, one per prompt index of the batch (``[{}, {"green": 1.5}]`` weights only the
     second prompt). A word or phrase means every occurrence of it; a single dict applies to every prompt and each
-    of its words must be in each prompt.
+    of its words must be in each prompt. Words are found in the pipeline's ``prompt`` (SDXL: token positions
+    are shared by both text encoders, so a different ``prompt_2`` is weighted at the same positions).
     ``steps``: ``None`` (all), ``(start, end)`` fractions (floats) or step indices (ints, end excluded), or a list
     of step indices. ``sites``: ``None``, a place, places, ``{"places": ..., "levels": ...}`` or a callable on
     :class:`~promptcontrol.sites.AttentionSite` (not for ``mode="embedding"``, which acts on the UNet's text input).
