@@ -212,3 +212,14 @@ def test_replace_mode_with_different_word_counts_suggests_refine(sd15):
         pc.edit(sd15, "a red circle", "a big red circle", mode="replace", seed=0, num_inference_steps=2, output_type="latent")
     out = pc.edit(sd15, "a red circle", "a big red circle", seed=0, num_inference_steps=2, output_type="latent")
     assert out.images.__len__() == 2
+
+
+def test_sdxl_non_square_edit_keeps_the_source(tiny_pipes):
+    pipe = tiny_pipes("sdxl")
+    out = pc.edit(pipe, "a red circle", ["a green circle", "a big red circle"], blend=["circle"], seed=0,
+                  cross_steps={"green": (0, 0.5)}, num_inference_steps=STEPS, height=48, width=32, output_type="np")
+    factor = pipe.vae_scale_factor
+    latents = torch.randn(1, 4, 48 // factor, 32 // factor, generator=torch.Generator().manual_seed(0))
+    alone_image = pipe("a red circle", latents=latents, num_inference_steps=STEPS, height=48, width=32, output_type="np").images[0]
+    np.testing.assert_allclose(out.source, alone_image, atol=1e-5)
+    assert out.controllers[-1].last_mask.shape == (3, 1, 48 // factor, 32 // factor)
