@@ -106,18 +106,38 @@ def _as_pil(image):
     return Image.fromarray(array).convert("RGB")
 
 
-def _reweight_controller(reweight, edits: int):
+def _reweight_controller(reweight, edits: list[str], tokenizer):
+    """A ``pc.Reweight`` acting on the edited prompts only (prompt 0, the source, keeps its attention).
+
+    A dict applies to every edited prompt that holds each word (a word in none of them is an error listing
+    their words); a list gives one dict per edited prompt.
+    """
     from .controllers.reweight import Reweight
+    from .tokens import tokenize
 
     if isinstance(reweight, Reweight):
         return reweight
     if isinstance(reweight, Mapping):
-        return Reweight([{}] + [dict(reweight)] * edits)
+        per_edit: list[dict] = [{} for _ in edits]
+        tokens = [tokenize(tokenizer, e) for e in edits] if tokenizer is not None else None
+        for key, weight in reweight.items():
+            word = key[0] if isinstance(key, tuple) else key
+            if not isinstance(word, str) or tokens is None:
+                for d in per_edit:
+                    d[key] = weight
+                continue
+            holders = [i for i, t in enumerate(tokens) if t.matches(word)]
+            if not holders:
+                listing = "; ".join(f"{t.prompt!r}: {', '.join(t.texts)}" for t in tokens)
+                raise KeyError(f"reweight names {word!r}, which is in no edited prompt; their words are — {listing}")
+            for i in holders:
+                per_edit[i][key] = weight
+        return Reweight([{}] + per_edit)
     if isinstance(reweight, Sequence) and not isinstance(reweight, str):
         items = list(reweight)
-        if len(items) != edits:
+        if len(items) != len(edits):
             raise ValueError(
-                f"reweight as a list needs one dict per edited prompt ({edits}), got {len(items)}; "
+                f"reweight as a list needs one dict per edited prompt ({len(edits)}), got {len(items)}; "
                 "or give one dict for every edited prompt"
             )
         return Reweight([{}] + [dict(x or {}) for x in items])
@@ -158,7 +178,8 @@ def edit(
     cross_steps: fraction, ``(start, end)`` or per-word dict (words of the edited prompts, ``"default"``)
     self_steps:  fraction or ``(start, end)``: steps on which the source self-attention is injected
     blend:       words for :class:`LocalBlend` (a list, or one list per prompt), or a ``LocalBlend``
-    reweight:    ``{word: weight}`` for every edited prompt, a list of dicts (one per edit), or a ``pc.Reweight``
+    reweight:    ``{word: weight}`` for the edited prompts that hold each word, a list of dicts (one per edit),
+                 or a ``pc.Reweight`` (the source keeps its attention)
     seed:        seed of the shared starting noise (``None``: a random draw, still shared)
     mode:        ``"auto"`` (Replace for same word count, else Refine), ``"replace"`` or ``"refine"``
     pipe_kwargs: passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``output_type``...)
@@ -176,7 +197,7 @@ def edit(
     if not window(self_steps, "self_steps").is_empty:
         controllers.append(InjectSelf(self_steps, levels=self_levels))
     if reweight is not None:
-        controllers.append(_reweight_controller(reweight, len(edits)))
+        controllers.append(_reweight_controller(reweight, edits, getattr(pipe, "tokenizer", None)))
     if blend is not None:
         controllers.append(blend if isinstance(blend, LocalBlend) else LocalBlend(blend, blend_threshold))
     if "latents" in pipe_kwargs and pipe_kwargs["latents"] is not None:

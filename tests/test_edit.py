@@ -223,3 +223,16 @@ def test_sdxl_non_square_edit_keeps_the_source(tiny_pipes):
     alone_image = pipe("a red circle", latents=latents, num_inference_steps=STEPS, height=48, width=32, output_type="np").images[0]
     np.testing.assert_allclose(out.source, alone_image, atol=1e-5)
     assert out.controllers[-1].last_mask.shape == (3, 1, 48 // factor, 32 // factor)
+
+
+def test_the_issue_example_runs(sd15):
+    """reweight={"green": 1.5} applies to the edit that has "green"; blend=["circle"] is in every prompt."""
+    out = pc.edit(sd15, "a red circle and a blue square",
+                  ["a green circle and a blue square", "a red circle and a blue square on grass"],
+                  cross_steps=0.8, self_steps=0.4, blend=["circle"], reweight={"green": 1.5}, seed=0,
+                  num_inference_steps=STEPS)
+    assert len(out.edited) == 2 and out.source.size == out.edited[1].size
+    reweight = out.controllers[2]
+    assert reweight.weights == [{}, {"green": 1.5}, {}]
+    with pytest.raises(KeyError, match="'purple', which is in no edited prompt"):
+        pc.edit(sd15, "a red circle", "a green circle", reweight={"purple": 2.0}, num_inference_steps=2)
