@@ -1,0 +1,676 @@
+"""``pc.invert``: turn a real image into starting noise (and per-step null embeddings) that the pipeline redraws.
+
+Two methods, both on a DDIM scheduler built from the pipeline's own scheduler config (the pipeline's scheduler
+need not be DDIM):
+
+* ``"ddim"``: encode the image with the VAE (``latent_dist.mean × scaling_factor``) and run the deterministic
+  DDIM update backwards with the conditional noise prediction (guidance 1). Every latent of the trajectory is
+  kept: ``inv.latents[0]`` is the encoded image, ``inv.latents[-1]`` is x_T. Sampling from x_T reconstructs the
+  image well at guidance 1 but drifts at guidance 7.5.
+* ``"null-text"`` (Mokady et al. 2022): after the DDIM inversion, walk the sampling steps forwards; at step ``i``
+  optimise the *unconditional* text embedding (started from the previous step's result, at step 0 from the
+  pipeline's own negative embedding) with Adam so that the guided DDIM step from the current latent lands on the
+  inversion trajectory's next latent::
+
+      eps    = eps(x_i, t_i, null) + g · (eps(x_i, t_i, prompt) − eps(x_i, t_i, null))
+      loss   = mse(ddim_step(eps, t_i, x_i), latents[T − i − 1])
+      lr_i   = lr · (1 − i / (2 · steps))            the paper's 1e-2 · (1 − i/100) at 50 steps
+      stop when loss < early_stop + 2e-5 · i · 50 / steps   (the paper's threshold, on the same scale)
+
+  then ``x_{i+1}`` = the guided step with the optimised embedding. Only one step's graph exists at a time: the
+  conditional prediction and everything between steps run under ``torch.no_grad()``, the UNet's parameters do
+  not take gradients (no weight-gradient buffers), the embedding is a float32 leaf even when the UNet runs in
+  fp16 (load the pipeline in float16 on CUDA for the memory saving).
+
+Reconstruction and edits run the *pipeline itself* from x_T: :class:`InversionGuidance` swaps in the DDIM
+scheduler for the call (restored afterwards) and writes ``null_embeddings[i]`` into every unconditional row's
+text features at step ``i``, so any controller (``pc.trace``, ``pc.Replace``, ``pc.LocalBlend``...) composes with
+it, and ``pc.edit(pipe, inv, "edited prompt", ...)`` edits the real image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .context import StepContext
+from .controllers.base import Controller
+from .sites import AttentionSite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import Session
+
+METHODS = ("null-text", "ddim")
+_CONVERTIBLE_MODES = ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I", "F")
+
+
+# ---- images ------------------------------------------------------------------------------------------------------
+def _to_float_array(image) -> np.ndarray:
+    """(H, W, C) float64 in [0, 1] from a PIL image, a uint8/float array (H, W, C) or a tensor (C, H, W) in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3):
+            t = t.permute(1, 2, 0)
+        return t.numpy().astype(np.float64)
+    array = np.asarray(image)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.dtype == np.uint8:
+        return array.astype(np.float64) / 255.0
+    return array.astype(np.float64)
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB between two images (PIL, uint8 / [0, 1] float arrays, [0, 1] tensors).
+
+    Both are read as RGB in [0, 1]; identical images give ``inf``.
+    """
+    x, y = _to_float_array(a), _to_float_array(b)
+    if x.shape != y.shape:
+        raise ValueError(f"psnr needs images of the same shape, got {x.shape} and {y.shape}")
+    mse = float(np.mean((x - y) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def size_multiple(pipe) -> int:
+    """The multiple image sides must have: 8 (the pipelines' check) and the VAE's downsampling factor."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return math.lcm(8, factor)
+
+
+def prepare_image(image, multiple: int = 8, resize: bool | tuple[int, int] = False):
+    """The input as an RGB PIL image whose sides are multiples of ``multiple``.
+
+    image:  a PIL image, a path, a uint8 array (H, W, 3) or a float array / tensor in [0, 1] ((H, W, 3) or (3, H, W))
+    resize: ``False`` refuses other sizes; ``True`` resizes each side to the nearest multiple; ``(width, height)``
+            resizes to that size (which must be a multiple itself)
+
+    Greyscale, palette, CMYK and other colour modes are converted to RGB; images with transparency (RGBA, LA,
+    palette with alpha) are refused, because what belongs under transparent pixels is the caller's choice.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+        image.load()
+    if isinstance(image, torch.Tensor) or isinstance(image, np.ndarray):
+        array = _to_float_array(image)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(
+                f"an image array must be (H, W, 3) or a tensor (3, H, W); got shape {tuple(np.shape(image))}"
+            )
+        if array.min() < -1e-6 or array.max() > 1 + 1e-6:
+            raise ValueError(
+                f"float images must hold values in [0, 1] (got {array.min():.3g}..{array.max():.3g}); "
+                "pass a uint8 array or a PIL image for 0..255 values"
+            )
+        image = Image.fromarray((array.clip(0, 1) * 255).round().astype(np.uint8))
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, a path, a numpy array or a tensor; got {type(image).__name__}")
+    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        raise ValueError(
+            f"the image has transparency (mode {image.mode}); inversion needs an opaque RGB image. Put it on a "
+            "background first, e.g. bg = Image.new('RGB', im.size, 'white'); bg.paste(im, mask=im.getchannel('A')), "
+            "or drop the alpha with im.convert('RGB')"
+        )
+    if image.mode != "RGB":
+        if image.mode not in _CONVERTIBLE_MODES:
+            raise ValueError(f"unsupported image mode {image.mode!r}: convert it to RGB first (image.convert('RGB'))")
+        image = image.convert("RGB")
+    w, h = image.size
+    if resize is True:
+        size = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
+    elif resize:
+        size = (int(resize[0]), int(resize[1]))
+        if size[0] % multiple or size[1] % multiple or min(size) <= 0:
+            raise ValueError(f"resize={tuple(resize)} is not a positive multiple of {multiple} on each side")
+    else:
+        size = (w, h)
+        if w % multiple or h % multiple:
+            near = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
+            raise ValueError(
+                f"image size {w}×{h} is not a multiple of {multiple} on each side (this pipeline's VAE and UNet need "
+                f"width and height divisible by {multiple}, e.g. {near[0]}×{near[1]}); pass resize=True to resize "
+                "to the nearest such size, or resize=(width, height)"
+            )
+    if size != (w, h):
+        image = image.resize(size, Image.LANCZOS)
+    return image
+
+
+# ---- the pipeline's pieces ---------------------------------------------------------------------------------------
+def _check_pipe(pipe) -> None:
+    missing = [name for name in ("unet", "vae", "encode_prompt", "scheduler") if getattr(pipe, name, None) is None]
+    if missing:
+        raise TypeError(
+            f"pc.invert needs a Stable Diffusion pipeline (unet, vae, text encoder, scheduler); "
+            f"{type(pipe).__name__} lacks {', '.join(missing)}"
+        )
+    if "image" in inspect.signature(pipe.__call__).parameters:
+        raise TypeError(
+            f"pc.invert reconstructs and edits with a text-to-image pipeline, got {type(pipe).__name__}; build one from "
+            "the same components: StableDiffusionPipeline(**pipe.components) (or StableDiffusionXLPipeline)"
+        )
+
+
+def _is_sdxl(pipe) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def _device(pipe) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else pipe.unet.device
+
+
+@dataclass
+class _Text:
+    """What the UNet gets for the prompt and for the unconditional rows (SDXL: pooled text and time ids too)."""
+
+    cond: torch.Tensor  # (1, K, D)
+    uncond: torch.Tensor  # (1, K, D)
+    added_cond: dict | None = None  # SDXL: {"text_embeds": (1, P), "time_ids": (1, 6)}
+    added_uncond: dict | None = None
+
+
+def _encode_text(pipe, prompt: str, height: int, width: int) -> _Text:
+    """The pipeline's own prompt encoding (with guidance, as a pipeline call does with no negative prompt)."""
+    device = _device(pipe)
+    if _is_sdxl(pipe):
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        projection = int(pooled.shape[-1])
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=cond.dtype, text_encoder_projection_dim=projection
+        ).to(device)
+        return _Text(
+            cond, uncond, {"text_embeds": pooled, "time_ids": time_ids}, {"text_embeds": pooled_uncond, "time_ids": time_ids}
+        )
+    cond, uncond = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    return _Text(cond, uncond)
+
+
+def _model_output(unet, latent: torch.Tensor, t, text: torch.Tensor, added: dict | None) -> torch.Tensor:
+    """The UNet's raw output (B, C, h, w) for one latent batch and text features."""
+    kwargs = {"added_cond_kwargs": added} if added is not None else {}
+    return unet(latent.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype), return_dict=False, **kwargs)[0]
+
+
+def _vae_encode(pipe, image, seed: int | None) -> torch.Tensor:
+    """(1, C, h, w) float32 latent of a PIL image: ``(latent_dist.mean − shift) × scaling_factor``."""
+    vae = pipe.vae
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    original = vae.dtype
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        dist = vae.encode(x.to(device=vae.device, dtype=dtype)).latent_dist
+        if seed is None:
+            latent = dist.mean
+        else:
+            latent = dist.sample(generator=torch.Generator(vae.device).manual_seed(int(seed)))
+    finally:
+        if upcast:
+            vae.to(original)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latent.float() - shift) * vae.config.scaling_factor).to(_device(pipe))
+
+
+def decode_latents(pipe, latents: torch.Tensor):
+    """PIL images from (B, C, h, w) latents, as the pipeline decodes them (VAE upcast in fp16 when it must be)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    original = vae.dtype
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        z = latents.float() / vae.config.scaling_factor + shift
+        image = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(original)
+    return pipe.image_processor.postprocess(image.detach(), output_type="pil")
+
+
+# ---- DDIM ----------------------------------------------------------------------------------------------------------
+def ddim_scheduler(config):
+    """A deterministic ``DDIMScheduler`` from any scheduler's config (clipping and thresholding off)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(dict(config), clip_sample=False, thresholding=False)
+
+
+class DDIMSteps:
+    """DDIM's deterministic update (η = 0) at the timesteps ``DDIMScheduler.set_timesteps(steps)`` gives.
+
+    ``step(out, i, x)``: sampling step ``i`` (level t_i → t_i − stride), exactly ``DDIMScheduler.step``;
+    ``invert(out, i, x)``: the same update backwards (level t_i − stride → t_i), the model evaluated at t_i.
+    """
+
+    def __init__(self, config, steps: int, device: torch.device | str = "cpu"):
+        scheduler = ddim_scheduler(config)
+        scheduler.set_timesteps(steps)
+        self.config = dict(scheduler.config)
+        self.timesteps = [int(t) for t in scheduler.timesteps]
+        self.stride = scheduler.config.num_train_timesteps // steps
+        self.alphas = scheduler.alphas_cumprod.float()
+        self.final = scheduler.final_alpha_cumprod.float()
+        self.prediction = scheduler.config.prediction_type
+
+    def alpha(self, t: int) -> torch.Tensor:
+        return self.alphas[t] if t >= 0 else self.final
+
+    def _move(self, out: torch.Tensor, x: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            x0 = (x - (1 - a_from) ** 0.5 * out) / a_from**0.5
+            eps = out
+        elif self.prediction == "v_prediction":
+            x0 = a_from**0.5 * x - (1 - a_from) ** 0.5 * out
+            eps = a_from**0.5 * out + (1 - a_from) ** 0.5 * x
+        elif self.prediction == "sample":
+            x0 = out
+            eps = (x - a_from**0.5 * out) / (1 - a_from) ** 0.5
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction!r} (epsilon, v_prediction or sample)")
+        return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
+
+    def step(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        t = self.timesteps[i]
+        return self._move(out, x, self.alpha(t), self.alpha(t - self.stride))
+
+    def invert(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        t = self.timesteps[i]
+        return self._move(out, x, self.alpha(t - self.stride), self.alpha(t))
+
+
+# ---- the result ----------------------------------------------------------------------------------------------------
+@dataclass
+class Inversion:
+    """What :func:`invert` found for one image.
+
+    prompt:          the prompt the image was inverted with (the source prompt of every edit)
+    method:          ``"null-text"`` or ``"ddim"``
+    latents:         (steps + 1, C, h, w) float32 trajectory: ``latents[0]`` the encoded image, ``latents[-1]`` x_T
+    null_embeddings: (steps, K, D): the unconditional text features of each sampling step (``"ddim"``: the
+                     pipeline's own negative embedding at every step)
+    timesteps:       the DDIM timesteps of the sampling steps
+    guidance_scale:  the guidance the null embeddings were fitted for
+    image:           the input as used (RGB, after any resize)
+    losses:          null-text: the last inner loss of each step (latent MSE); ``"ddim"``: empty
+    reconstruction:  the image sampled back from x_T by the pipeline (``None`` with ``reconstruct=False``)
+    reconstruction_latents: (1, C, h, w) the latent that sampling ended on
+    """
+
+    prompt: str
+    method: str
+    latents: torch.Tensor
+    null_embeddings: torch.Tensor
+    timesteps: list[int]
+    guidance_scale: float
+    image: Any
+    scheduler_config: dict = field(repr=False, default_factory=dict)
+    losses: list[float] = field(default_factory=list, repr=False)
+    reconstruction: Any = field(default=None, repr=False)
+    reconstruction_latents: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def x_T(self) -> torch.Tensor:
+        """(1, C, h, w): the inverted starting noise."""
+        return self.latents[-1:]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image."""
+        return tuple(self.image.size)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return (int(self.latents.shape[-2]), int(self.latents.shape[-1]))
+
+    def psnr(self, other=None) -> float:
+        """PSNR (dB) of the reconstruction (or ``other``) against the input image."""
+        target = self.reconstruction if other is None else other
+        if target is None:
+            raise ValueError("this inversion has no reconstruction (reconstruct=False); call inv.reconstruct(pipe)")
+        return psnr(self.image, target)
+
+    def latent_error(self) -> float:
+        """Mean squared error between the reconstruction's final latent and the encoded image's latent."""
+        if self.reconstruction_latents is None:
+            raise ValueError("this inversion has no reconstruction (reconstruct=False); call inv.reconstruct(pipe)")
+        return float(F.mse_loss(self.reconstruction_latents.float().cpu(), self.latents[:1].float().cpu()))
+
+    def controller(self) -> "InversionGuidance":
+        """The controller that makes a pipeline call sample from this inversion (see :class:`InversionGuidance`)."""
+        return InversionGuidance(self)
+
+    def pipe_kwargs(self, pipe, prompts: int = 1) -> dict:
+        """Pipeline-call arguments that start ``prompts`` prompts from x_T with the inversion's steps and guidance."""
+        latents = self.x_T.to(device=_device(pipe), dtype=pipe.unet.dtype).repeat(prompts, 1, 1, 1)
+        w, h = self.size
+        return dict(
+            latents=latents, num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=h, width=w
+        )
+
+    def reconstruct(self, pipe, *controllers: Controller):
+        """Sample the image back from x_T with the pipeline (plus any ``controllers``); sets and returns
+        ``reconstruction``."""
+        from .session import control
+
+        with torch.no_grad(), control(pipe, self.controller(), *controllers):
+            out = pipe(prompt=self.prompt, output_type="latent", **self.pipe_kwargs(pipe))
+        latents = out.images if hasattr(out, "images") else out[0]
+        self.reconstruction_latents = latents.detach().float()
+        with torch.no_grad():
+            self.reconstruction = decode_latents(pipe, latents)[0]
+        return self.reconstruction
+
+    def __repr__(self) -> str:
+        w, h = self.size
+        return (
+            f"Inversion(method={self.method!r}, prompt={self.prompt!r}, steps={self.steps}, "
+            f"guidance_scale={self.guidance_scale}, size={w}×{h})"
+        )
+
+
+# ---- the controller that samples from an inversion ---------------------------------------------------------------
+class InversionGuidance(Controller):
+    """Make a pipeline call sample from an :class:`Inversion`: DDIM at its timesteps, its null embeddings.
+
+    While the session is active the pipeline's scheduler is a ``DDIMScheduler`` built from its own config (the
+    original is put back when the session ends), and at step ``i`` every unconditional row's text features are
+    ``inversion.null_embeddings[i]`` (the source and the edited prompts alike, as prompt-to-prompt does).
+    Start the call from ``inversion.x_T`` with ``num_inference_steps=inversion.steps``
+    (``inversion.pipe_kwargs(pipe, prompts)`` gives those arguments); prompt 0 must be the inversion's prompt.
+    It acts at no attention site. Raises ``ValueError`` when the call does not match the inversion.
+    """
+
+    def __init__(self, inversion: Inversion):
+        if not isinstance(inversion, Inversion):
+            raise TypeError(f"InversionGuidance needs a pc.Inversion (from pc.invert), got {type(inversion).__name__}")
+        self.inversion = inversion
+        self._pipe = None
+        self._original_scheduler = None
+        self._warned = False
+
+    def applies_to(self, site: AttentionSite) -> bool:
+        return False
+
+    def bind(self, session: "Session") -> None:
+        pipe = session.pipe
+        if pipe is None or getattr(pipe, "scheduler", None) is None:
+            raise ValueError("sampling from an inversion needs the pipeline (its scheduler), not a bare UNet")
+        self._pipe = pipe
+        self._original_scheduler = pipe.scheduler
+        scheduler = ddim_scheduler(self.inversion.scheduler_config or pipe.scheduler.config)
+        pipe.scheduler = scheduler
+        self._warned = False
+
+    def unbind(self) -> None:
+        if self._pipe is not None and self._original_scheduler is not None:
+            self._pipe.scheduler = self._original_scheduler
+        self._pipe = None
+        self._original_scheduler = None
+
+    def begin_step(self, ctx: StepContext) -> None:
+        inv = self.inversion
+        if ctx.total is not None and ctx.total != inv.steps:
+            raise ValueError(
+                f"the pipeline runs {ctx.total} denoising steps but the inversion has {inv.steps}: pass "
+                f"num_inference_steps={inv.steps} (or invert again with steps={ctx.total})"
+            )
+        if ctx.index >= inv.steps:
+            raise ValueError(f"step {ctx.index} is past the inversion's {inv.steps} steps")
+        if int(round(ctx.timestep)) != inv.timesteps[ctx.index]:
+            raise ValueError(
+                f"step {ctx.index} runs timestep {ctx.timestep:g}, the inversion's is {inv.timesteps[ctx.index]}: "
+                "sample with the inversion's DDIM steps from its x_T (a text-to-image call, strength 1)"
+            )
+        if tuple(ctx.latent_hw) != inv.latent_hw:
+            w, h = inv.size
+            raise ValueError(
+                f"the pipeline's latent is {ctx.latent_hw[0]}×{ctx.latent_hw[1]}, the inversion's {inv.latent_hw[0]}×"
+                f"{inv.latent_hw[1]}: generate at the inverted image's size (height={h}, width={w})"
+            )
+        prompts = ctx.run.prompts if ctx.run is not None else None
+        if prompts and prompts[0] != inv.prompt:
+            raise ValueError(
+                f"the source prompt {prompts[0]!r} is not the prompt the image was inverted with ({inv.prompt!r}): "
+                "put the inversion's prompt first, or invert again with this prompt"
+            )
+        if ctx.index == 0 and not self._warned and inv.method == "null-text" and self._pipe is not None:
+            scale = getattr(self._pipe, "_guidance_scale", None)
+            if scale is not None and abs(float(scale) - inv.guidance_scale) > 1e-6:
+                self._warned = True
+                warnings.warn(
+                    f"guidance_scale={scale:g} differs from the {inv.guidance_scale:g} the null-text embeddings were "
+                    "fitted for: the unedited image will not be reconstructed faithfully",
+                    stacklevel=2,
+                )
+
+    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = list(ctx.layout.uncond_rows)
+        if not rows:
+            return encoder_hidden_states
+        null = self.inversion.null_embeddings[ctx.index]  # (K, D)
+        if null.shape != encoder_hidden_states.shape[1:]:
+            raise ValueError(
+                f"the inversion's null embeddings are {tuple(null.shape)} per step but the pipeline's text features "
+                f"are {tuple(encoder_hidden_states.shape[1:])}: was the image inverted with another pipeline?"
+            )
+        out = encoder_hidden_states.clone()
+        out[rows] = null.to(device=out.device, dtype=out.dtype)
+        return out
+
+
+# ---- pc.edit support ---------------------------------------------------------------------------------------------
+def prepare_inversion_edit(pipe, inversion: Inversion, pipe_kwargs: dict) -> tuple[str, InversionGuidance]:
+    """For ``pc.edit(pipe, inversion, edits, ...)``: the source prompt and the controller to add; fills
+    ``pipe_kwargs`` (in place) with x_T, the steps, guidance and size of the inversion.
+
+    Raises ``ValueError`` for arguments that contradict the inversion (other steps, size, latents, several
+    images per prompt).
+    """
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"expected a pc.Inversion, got {type(inversion).__name__}")
+    own = inversion.pipe_kwargs(pipe)
+    steps = pipe_kwargs.get("num_inference_steps")
+    if steps is not None and int(steps) != inversion.steps:
+        raise ValueError(
+            f"num_inference_steps={steps} does not match the inversion's {inversion.steps} steps: leave it out, "
+            f"or invert again with steps={steps}"
+        )
+    for key in ("height", "width"):
+        if pipe_kwargs.get(key) is not None and int(pipe_kwargs[key]) != own[key]:
+            raise ValueError(f"{key}={pipe_kwargs[key]} does not match the inverted image's {key} {own[key]}: leave it out")
+    if pipe_kwargs.get("latents") is not None:
+        raise ValueError("an edit of an inversion starts from the inversion's x_T: do not pass latents=")
+    if int(pipe_kwargs.get("num_images_per_prompt") or 1) != 1:
+        raise ValueError("an edit of an inversion makes one image per prompt (sampling is deterministic): drop num_images_per_prompt")
+    for key, value in own.items():
+        if pipe_kwargs.get(key) is None:
+            pipe_kwargs[key] = value
+    return inversion.prompt, InversionGuidance(inversion)
+
+
+# ---- pc.invert -----------------------------------------------------------------------------------------------------
+def _frozen(module: torch.nn.Module):
+    """Context manager: the module's parameters take no gradients inside (their flags restored after)."""
+
+    class _Freeze:
+        def __enter__(self_inner):
+            self_inner.flags = [(p, p.requires_grad) for p in module.parameters()]
+            for p, _ in self_inner.flags:
+                p.requires_grad_(False)
+
+        def __exit__(self_inner, *exc):
+            for p, flag in self_inner.flags:
+                p.requires_grad_(flag)
+
+    return _Freeze()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+
+
+def ddim_trajectory(pipe, x0: torch.Tensor, text: _Text, ddim: DDIMSteps, progress: bool = False) -> torch.Tensor:
+    """(steps + 1, C, h, w) float32: the DDIM inversion of ``x0`` with the conditional prediction (guidance 1)."""
+    steps = len(ddim.timesteps)
+    latents = [x0.float()]
+    x = x0.float()
+    with torch.no_grad(), _progress(steps, progress, "DDIM inversion") as bar:
+        for i in reversed(range(steps)):
+            out = _model_output(pipe.unet, x, ddim.timesteps[i], text.cond, text.added_cond).float()
+            x = ddim.invert(out, i, x)
+            latents.append(x)
+            bar.update()
+    return torch.cat(latents)
+
+
+def null_text_optimisation(
+    pipe, trajectory: torch.Tensor, text: _Text, ddim: DDIMSteps, *, guidance_scale: float, inner_steps: int,
+    lr: float, early_stop: float, progress: bool = False,
+) -> tuple[torch.Tensor, list[float]]:
+    """Per-step unconditional embeddings (steps, K, D) that make guided DDIM sampling follow ``trajectory``,
+    and the last loss of each step. See the module docstring for the schedule."""
+    unet = pipe.unet
+    steps = len(ddim.timesteps)
+    null = text.uncond.detach().float()  # (1, K, D)
+    x = trajectory[-1:].clone()
+    found, losses = [], []
+    with _frozen(unet), _progress(steps * inner_steps, progress, "null-text inversion") as bar:
+        for i, t in enumerate(ddim.timesteps):
+            target = trajectory[steps - i - 1 : steps - i]
+            with torch.no_grad():
+                out_cond = _model_output(unet, x, t, text.cond, text.added_cond).float()
+            param = null.clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([param], lr=lr * (1.0 - i / (2.0 * steps)))
+            threshold = early_stop + 2e-5 * i * 50.0 / steps
+            done = 0
+            loss_value = float("nan")
+            for _ in range(inner_steps):
+                with torch.enable_grad():
+                    out_uncond = _model_output(unet, x, t, param, text.added_uncond).float()
+                    guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+                    loss = F.mse_loss(ddim.step(guided, i, x), target)
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimiser.step()
+                loss_value = float(loss.detach())
+                done += 1
+                bar.update()
+                if loss_value < threshold:
+                    break
+            bar.update(inner_steps - done)
+            null = param.detach()
+            del param, optimiser
+            with torch.no_grad():
+                out_uncond = _model_output(unet, x, t, null, text.added_uncond).float()
+                x = ddim.step(out_uncond + guidance_scale * (out_cond - out_uncond), i, x)
+            found.append(null[0].to(text.uncond.dtype))
+            losses.append(loss_value)
+    return torch.stack(found), losses
+
+
+def invert(
+    pipe,
+    image,
+    prompt: str,
+    *,
+    steps: int = 50,
+    method: str = "null-text",
+    guidance_scale: float = 7.5,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
+    early_stop: float = 1e-5,
+    seed: int | None = None,
+    progress: bool = True,
+    resize: bool | tuple[int, int] = False,
+    reconstruct: bool = True,
+) -> Inversion:
+    """Invert a real image so that the pipeline draws it back from x_T (and edits it with ``pc.edit``).
+
+    pipe:           a text-to-image Stable Diffusion pipeline (SD 1.x / 2.x / SDXL); its scheduler may be any kind
+    image:          PIL image, path, uint8 array (H, W, 3) or [0, 1] float array / tensor; RGB, sides a multiple of 8
+                    (and of the VAE's factor) unless ``resize`` (``True``: nearest multiple; ``(width, height)``)
+    prompt:         a caption of the image; edits change this prompt
+    steps:          DDIM steps (edits must use the same number)
+    method:         ``"null-text"`` (Mokady et al.: faithful reconstruction at ``guidance_scale``) or ``"ddim"``
+    guidance_scale: the guidance reconstruction and edits will use
+    inner_steps, lr, early_stop: null-text optimisation: Adam iterations per step, base learning rate, loss
+                    threshold (see the module docstring for the schedules)
+    seed:           ``None`` encodes the VAE posterior's mean (as the paper); a seed encodes a sample of it
+    progress:       show a tqdm progress bar
+    reconstruct:    sample the reconstruction right away (``inv.reconstruction``; costs one pipeline call)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be one caption string, got {type(prompt).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if method == "null-text":
+        if guidance_scale <= 1:
+            raise ValueError(
+                f"null-text inversion fits the unconditional embedding, which guidance_scale={guidance_scale} "
+                "(<= 1) never uses: use method='ddim', or a guidance_scale above 1"
+            )
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+    _check_pipe(pipe)
+    picture = prepare_image(image, size_multiple(pipe), resize)
+    width, height = picture.size
+    ddim = DDIMSteps(pipe.scheduler.config, steps)
+    with torch.no_grad():
+        x0 = _vae_encode(pipe, picture, seed)
+        text = _encode_text(pipe, prompt, height, width)
+    trajectory = ddim_trajectory(pipe, x0, text, ddim, progress)
+    losses: list[float] = []
+    if method == "null-text":
+        nulls, losses = null_text_optimisation(
+            pipe, trajectory, text, ddim, guidance_scale=float(guidance_scale), inner_steps=inner_steps,
+            lr=float(lr), early_stop=float(early_stop), progress=progress,
+        )
+    else:
+        nulls = text.uncond.detach()[0].repeat(steps, 1, 1)
+    inv = Inversion(
+        prompt=prompt,
+        method=method,
+        latents=trajectory.detach(),
+        null_embeddings=nulls.detach(),
+        timesteps=list(ddim.timesteps),
+        guidance_scale=float(guidance_scale),
+        image=picture,
+        scheduler_config=ddim.config,
+        losses=losses,
+    )
+    if reconstruct:
+        inv.reconstruct(pipe)
+    return inv
