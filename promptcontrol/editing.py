@@ -17,6 +17,7 @@ from .alignment import TokenMap, refine_map, replace_map
 from .controllers.blend import LocalBlend
 from .controllers.inject import InjectSelf
 from .controllers.replace import PromptEdit
+from .inversion import Inversion, prepare_inversion_edit
 from .schedule import ScheduleLike, WindowLike, window
 from .session import control
 from .tokens import PromptTokens
@@ -160,7 +161,7 @@ def starting_noise(pipe, count: int, seed: int | None, pipe_kwargs: dict) -> tor
 
 def edit(
     pipe,
-    source: str,
+    source: str | Inversion,
     edits: str | Sequence[str],
     *,
     cross_steps: ScheduleLike = 0.8,
@@ -183,7 +184,13 @@ def edit(
     seed:        seed of the shared starting noise (``None``: a random draw, still shared)
     mode:        ``"auto"`` (Replace for same word count, else Refine), ``"replace"`` or ``"refine"``
     pipe_kwargs: passed to the pipeline (``num_inference_steps``, ``guidance_scale``, ``height``, ``output_type``...)
+
+    ``source`` may be a :class:`~promptcontrol.Inversion` of a real image (``pc.invert``): its prompt is the source
+    prompt, every prompt starts from its x_T with its steps, and its null embeddings guide every row.
     """
+    inverted = None
+    if isinstance(source, Inversion):  # a real image: see promptcontrol.inversion
+        source, inverted = prepare_inversion_edit(pipe, source, pipe_kwargs)
     if not isinstance(source, str):
         raise TypeError(f"source must be a prompt string, got {type(source).__name__}")
     edits = [edits] if isinstance(edits, str) else list(edits)
@@ -200,6 +207,8 @@ def edit(
         controllers.append(_reweight_controller(reweight, edits, getattr(pipe, "tokenizer", None)))
     if blend is not None:
         controllers.append(blend if isinstance(blend, LocalBlend) else LocalBlend(blend, blend_threshold))
+    if inverted is not None:
+        controllers.append(inverted)
     if "latents" in pipe_kwargs and pipe_kwargs["latents"] is not None:
         latents = pipe_kwargs.pop("latents")
         per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
