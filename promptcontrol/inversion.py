@@ -92,6 +92,11 @@ def size_multiple(pipe) -> int:
     return math.lcm(8, factor)
 
 
+def _nearest(side: int, multiple: int) -> int:
+    """The multiple of ``multiple`` nearest to ``side`` (halves round up), at least ``multiple``."""
+    return max(multiple, int(side / multiple + 0.5) * multiple)
+
+
 def prepare_image(image, multiple: int = 8, resize: bool | tuple[int, int] = False):
     """The input as an RGB PIL image whose sides are multiples of ``multiple``.
 
@@ -133,8 +138,9 @@ def prepare_image(image, multiple: int = 8, resize: bool | tuple[int, int] = Fal
             raise ValueError(f"unsupported image mode {image.mode!r}: convert it to RGB first (image.convert('RGB'))")
         image = image.convert("RGB")
     w, h = image.size
+    near = (_nearest(w, multiple), _nearest(h, multiple))
     if resize is True:
-        size = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
+        size = near
     elif resize:
         size = (int(resize[0]), int(resize[1]))
         if size[0] % multiple or size[1] % multiple or min(size) <= 0:
@@ -142,7 +148,6 @@ def prepare_image(image, multiple: int = 8, resize: bool | tuple[int, int] = Fal
     else:
         size = (w, h)
         if w % multiple or h % multiple:
-            near = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
             raise ValueError(
                 f"image size {w}×{h} is not a multiple of {multiple} on each side (this pipeline's VAE and UNet need "
                 f"width and height divisible by {multiple}, e.g. {near[0]}×{near[1]}); pass resize=True to resize "
