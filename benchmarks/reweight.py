@@ -9,6 +9,10 @@ weights on two token positions of the conditional row. Cases, timed round-robin 
 * diffusers' classic ``AttnProcessor`` at every site (explicit softmax, as P2P-style tools run) — the cost of
   materialising the maps, without even reweighting them.
 
+A second table (``--part attention``) times only the cross-attention calls of one step, with the shapes the UNet
+produces (captured by hooks), stock SDPA against the fused reweight plans: a tighter measure of the added work
+than whole-step ratios on a busy machine.
+
 CPU: ``python -m benchmarks.reweight`` (256×256); GPU: ``python -m benchmarks.reweight --device cuda --dtype
 float16 --sizes 512``.
 """
@@ -21,6 +25,9 @@ import contextlib
 import torch
 
 import promptcontrol as pc
+
+from promptcontrol.plan import IDENTITY, run_plan
+from promptcontrol.sites import attention_modules, find_sites
 
 from .harness import Case, compare, machine, markdown_table, save
 from .models import sd15_unet, unet_inputs
@@ -41,6 +48,69 @@ def classic_processors(unet):
         unet.set_attn_processor(dict(saved))
 
 
+def cross_attention_inputs(unet, inputs) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(q, k, v) ``(B, heads, N, d)`` of every cross-attention call of one UNet step."""
+    captured = []
+
+    def hook(module, args, kwargs, output):
+        hs, ehs = args[0], kwargs["encoder_hidden_states"]
+        b, heads = hs.shape[0], module.heads
+
+        def split(x):
+            return x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        captured.append((split(module.to_q(hs)), split(module.to_k(ehs)), split(module.to_v(ehs))))
+
+    cross = [site for site in find_sites(unet) if site.kind == "cross"]
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for module in attention_modules(unet, cross).values()]
+    try:
+        with torch.inference_mode():
+            unet(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def attention_part(unet, size: int, repeats: int, device: str, dtype_name: str) -> tuple[str, list]:
+    """Only the cross-attention calls of one step: stock SDPA vs the fused reweight plans."""
+    import torch.nn.functional as F
+
+    qkv = cross_attention_inputs(unet, unet_inputs(unet, size, batch=2))
+    keys = qkv[0][1].shape[2]
+    weights = torch.ones(2, keys)
+    for position, weight in WEIGHTS.items():
+        weights[1, position] = weight
+    weights = weights.to(device=qkv[0][0].device, dtype=qkv[0][0].dtype)
+    scaled, biased = IDENTITY.scaled(weights), IDENTITY.biased(weights.log())
+
+    def stock():
+        for q, k, v in qkv:
+            F.scaled_dot_product_attention(q, k, v)
+
+    def fused(plan):
+        def go():
+            for q, k, v in qkv:
+                run_plan(plan, q, k, v, None)
+
+        return go
+
+    def explicit():
+        for q, k, v in qkv:  # what AttnProcessor does: baddbmm, softmax, bmm
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            probs @ (v * weights[:, None, :, None])
+
+    cases = [
+        Case(f"stock SDPA ({len(qkv)} cross-attention calls)", stock),
+        Case("Reweight attention: SDPA, V scaled", fused(scaled)),
+        Case("Reweight softmax: SDPA, log-w mask", fused(biased)),
+        Case("explicit softmax, probabilities × w", explicit),
+    ]
+    results = compare(cases, repeats=repeats, warmup=3, device=device, progress=False)
+    title = f"Cross-attention calls of one step only, SD 1.5, {size}×{size}, batch 2, {dtype_name}, {machine()}"
+    return markdown_table(title, results), results
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
@@ -48,12 +118,20 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", default="benchmarks/results/reweight")
+    parser.add_argument("--part", choices=["step", "attention", "both"], default="both")
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
     unet = sd15_unet(dtype=dtype, device=args.device)
     tables = []
     for size in args.sizes:
+        if args.part in ("attention", "both"):
+            table, results = attention_part(unet, size, max(20, args.repeats), args.device, args.dtype)
+            tables.append(table)
+            save(f"{args.out}-attention-{args.device}-{args.dtype}-{size}", table.splitlines()[0], results)
+            print(table, flush=True)
+        if args.part == "attention":
+            continue
         inputs = unet_inputs(unet, size, batch=2)
 
         def step():
@@ -73,9 +151,8 @@ def main(argv: list[str] | None = None) -> str:
         title = f"Reweight, SD 1.5 UNet, {size}×{size}, batch 2, {args.dtype}, {machine()}"
         tables.append(markdown_table(title, results, {c.name: 1.03 for c in cases[1:4]}))
         save(f"{args.out}-{args.device}-{args.dtype}-{size}", title, results)
-    text = "\n\n".join(tables)
-    print(text)
-    return text
+        print(tables[-1], flush=True)
+    return "\n\n".join(tables)
 
 
 if __name__ == "__main__":
