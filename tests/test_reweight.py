@@ -420,3 +420,22 @@ def test_each_pipeline_call_resolves_its_own_prompt(sd15):
         scale = torch.ones(effective.shape[-1])
         scale[position] = 2.0
         assert (effective[1] - explicit[1] * scale).abs().max() <= 1e-6
+
+
+def test_new_weights_do_not_recompile():
+    """Weights are tensor inputs, not constants: other values (and other words) reuse the compiled graphs."""
+    from torch._dynamo.utils import counters
+
+    pipe = pc.testing.tiny_pipeline("sd15")
+    raw = pipe.unet
+    compiled = torch.compile(raw, backend="eager")
+    graphs = []
+    for weights in [{"red": 2.0}, {"red": 3.0}, {"car": 0.5}]:
+        with pc.control(pipe, pc.Reweight(weights)):  # the session is built on the plain UNet...
+            pipe.unet = compiled  # ...and the pipeline calls the compiled one, which runs the same hooks
+            try:
+                run(pipe, "a red car")
+            finally:
+                pipe.unet = raw
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0]
