@@ -236,3 +236,16 @@ def test_the_issue_example_runs(sd15):
     assert reweight.weights == [{}, {"green": 1.5}, {}]
     with pytest.raises(KeyError, match="'purple', which is in no edited prompt"):
         pc.edit(sd15, "a red circle", "a green circle", reweight={"purple": 2.0}, num_inference_steps=2)
+
+
+def test_recording_for_the_blend_does_not_change_the_edit(sd15):
+    """Where LocalBlend records, the site runs the edit plan on explicit probabilities; with a mask that keeps
+    everything (threshold 0) the images equal the fused run without blending."""
+    kwargs = dict(cross_steps={"default": 1.0, "green": (0.5, 1.0)}, self_steps=0.5, seed=0, reweight={"green": 2.0},
+                  num_inference_steps=STEPS, output_type="np")
+    fused = pc.edit(sd15, SRC, EDIT, **kwargs)
+    blend = pc.LocalBlend(["circle"], threshold=0.0, start=0.0)
+    recorded = pc.edit(sd15, SRC, EDIT, blend=blend, **kwargs)
+    assert bool(blend.last_mask.all())
+    np.testing.assert_allclose(recorded.edited[0], fused.edited[0], atol=1e-5)
+    np.testing.assert_allclose(recorded.source, fused.source, atol=1e-5)
