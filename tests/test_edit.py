@@ -249,3 +249,55 @@ def test_recording_for_the_blend_does_not_change_the_edit(sd15):
     assert bool(blend.last_mask.all())
     np.testing.assert_allclose(recorded.edited[0], fused.edited[0], atol=1e-5)
     np.testing.assert_allclose(recorded.source, fused.source, atol=1e-5)
+
+
+class ExplicitP2P:
+    """Prompt-to-prompt written out for the test: explicit softmax at every layer, maps edited in memory
+    (cross: per-token window blend of the source map, identity mapper; self: source map at the chosen levels)."""
+
+    def __init__(self, site, state):
+        self.site, self.state = site, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        b, heads = q.shape[0], attn.heads
+        d = q.shape[-1] // heads
+        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2) * d**-0.5
+        p = torch.exp(logits - logits.amax(-1, keepdim=True))
+        p = p / p.sum(-1, keepdim=True)
+        step, (src, edit) = self.state["step"], self.state["rows"]
+        if self.site.kind == "cross":
+            w = self.state["cross"][step]  # (K,) 1 where the token takes the source map at this step
+            p[edit] = p[src] * w + p[edit] * (1 - w)
+        elif step in self.state["self_steps"] and self.site.level in self.state["self_levels"]:
+            p[edit] = p[src]
+        out = (p @ v).transpose(1, 2).reshape(b, -1, heads * d)
+        return attn.to_out[0](out)
+
+
+def test_whole_edit_equals_explicit_prompt_to_prompt(sd15):
+    """Every step, every layer: pc.edit's fused run gives the images of an explicit-softmax P2P run."""
+    steps, green = 3, 2  # "green" is token 2 of EDIT
+    cross = torch.zeros(steps, 77)
+    cross[:2] = 1.0  # default (0, 0.67): steps 0 and 1
+    cross[:, green] = torch.tensor([0.0, 1.0, 1.0])  # green (0.34, 1.0): steps 1 and 2
+    sites = pc.find_sites(sd15.unet)
+    levels = sorted({s.level for s in sites if s.kind == "self"})[-2:]
+    state = {"step": -1, "rows": (2, 3), "cross": cross, "self_steps": {0}, "self_levels": levels}
+    saved = dict(sd15.unet.attn_processors)
+    sd15.unet.set_attn_processor({s.key: ExplicitP2P(s, state) for s in sites})
+    hook = sd15.unet.register_forward_pre_hook(lambda *a: state.__setitem__("step", state["step"] + 1))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    try:
+        with torch.no_grad():
+            expected = sd15([SRC, EDIT], latents=latents, num_inference_steps=steps, output_type="np").images
+    finally:
+        hook.remove()
+        sd15.unet.set_attn_processor(dict(saved))
+    out = pc.edit(sd15, SRC, EDIT, cross_steps={"default": 0.67, "green": (0.34, 1.0)}, self_steps=0.34, seed=0,
+                  num_inference_steps=steps, output_type="np")
+    np.testing.assert_allclose(out.source, expected[0], atol=1e-5)
+    np.testing.assert_allclose(out.edited[0], expected[1], atol=1e-5)
+    assert not np.allclose(expected[1], alone(sd15, EDIT), atol=1e-4)  # the edit did act
