@@ -183,10 +183,20 @@ def test_non_ddim_pipeline_scheduler_is_swapped_for_the_call_only(tiny_pipes):
 # ---- edits of an inversion -----------------------------------------------------------------------------------------
 def test_edit_of_inversion_source_row_is_the_reconstruction(sd15, inversions):
     _, inv = inversions
-    out = pc.edit(sd15, inv, EDIT, cross_steps=0.8, self_steps=0.4, reweight={"green": 2.0}, output_type="latent")
-    assert out.prompts == [PROMPT, EDIT]
-    torch.testing.assert_close(out.source, inv.reconstruction_latents[0], atol=1e-4, rtol=1e-4)  # batch 4 vs 2
-    assert not torch.allclose(out.edited[0], out.source, atol=1e-3)
+    refine = "a red circle and a blue square on grass"  # a word added: Refine
+    out = pc.edit(sd15, inv, [EDIT, refine], cross_steps=0.8, self_steps=0.4, reweight={"green": 2.0},
+                  output_type="latent")
+    assert out.prompts == [PROMPT, EDIT, refine]
+    torch.testing.assert_close(out.source, inv.reconstruction_latents[0], atol=1e-4, rtol=1e-4)  # batch 6 vs 2
+    for edited in out.edited:
+        assert not torch.allclose(edited, out.source, atol=1e-3)
+
+
+def test_sdxl_edit_of_inversion(tiny_pipes):
+    sdxl = tiny_pipes("sdxl")
+    inv = pc.invert(sdxl, picture(2), PROMPT, steps=2, inner_steps=2, progress=False)
+    out = pc.edit(sdxl, inv, EDIT, blend=["square"], output_type="latent")
+    torch.testing.assert_close(out.source, inv.reconstruction_latents[0], atol=1e-4, rtol=1e-4)
 
 
 def test_edit_of_inversion_without_injection_samples_the_edit_from_x_T(sd15, inversions):
