@@ -301,3 +301,17 @@ def test_whole_edit_equals_explicit_prompt_to_prompt(sd15):
     np.testing.assert_allclose(out.source, expected[0], atol=1e-5)
     np.testing.assert_allclose(out.edited[0], expected[1], atol=1e-5)
     assert not np.allclose(expected[1], alone(sd15, EDIT), atol=1e-4)  # the edit did act
+
+
+def test_several_images_per_prompt_pair_kth_with_kth(sd15):
+    """num_images_per_prompt=2: images [s0, s1, e0, e1]; an edit into the same prompt reproduces s0 and s1 in order
+    (pairing e1 with s0 would not), and the source images are the prompt's own."""
+    out = pc.edit(sd15, SRC, SRC, cross_steps=1.0, self_steps=1.0, seed=1, num_images_per_prompt=2,
+                  num_inference_steps=STEPS, output_type="np")
+    assert len(out.images) == 4
+    np.testing.assert_allclose(out.images[2], out.images[0], atol=1e-5)
+    np.testing.assert_allclose(out.images[3], out.images[1], atol=1e-5)
+    assert not np.allclose(out.images[0], out.images[1], atol=1e-3)  # two different draws
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    own = sd15(SRC, latents=latents, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np").images
+    np.testing.assert_allclose(np.stack(out.images[:2]), own, atol=1e-5)
