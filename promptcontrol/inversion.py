@@ -512,6 +512,12 @@ def prepare_inversion_edit(pipe, inversion: Inversion, pipe_kwargs: dict) -> tup
             raise ValueError(f"{key}={pipe_kwargs[key]} does not match the inverted image's {key} {own[key]}: leave it out")
     if pipe_kwargs.get("latents") is not None:
         raise ValueError("an edit of an inversion starts from the inversion's x_T: do not pass latents=")
+    for key in ("negative_prompt", "negative_prompt_embeds", "negative_prompt_2"):
+        if pipe_kwargs.get(key) is not None:
+            raise ValueError(
+                f"{key}= has no effect on an edit of an inversion: its null embeddings are the unconditional text "
+                "at every step (invert with method='ddim' and edit from plain prompts to use a negative prompt)"
+            )
     if int(pipe_kwargs.get("num_images_per_prompt") or 1) != 1:
         raise ValueError("an edit of an inversion makes one image per prompt (sampling is deterministic): drop num_images_per_prompt")
     for key, value in own.items():

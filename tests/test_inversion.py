@@ -271,6 +271,8 @@ def test_edit_arguments_that_contradict_the_inversion(sd15, inversions):
         pc.edit(sd15, inv, EDIT, height=64)
     with pytest.raises(ValueError, match="latents="):
         pc.edit(sd15, inv, EDIT, latents=inv.x_T)
+    with pytest.raises(ValueError, match="negative_prompt= has no effect"):
+        pc.edit(sd15, inv, EDIT, negative_prompt="blurry")
     with pytest.raises(ValueError, match="num_images_per_prompt"):
         pc.edit(sd15, inv, EDIT, num_images_per_prompt=2)
     assert sd15.scheduler is scheduler
