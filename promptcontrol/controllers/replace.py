@@ -90,6 +90,7 @@ class PromptEdit(Controller):
         self._maps: list[TokenMap] = []  # one per edited prompt (prompt index 1..N)
         self._windows: list[list[tuple[object, list[int]]]] = []  # per edit: (window, token positions)
         self._plan: AttentionPlan = IDENTITY
+        self._plan_key: object = None
 
     # ---- alignment (what subclasses choose) --------------------------------------------------------------
     def token_map(self, source: PromptTokens, edit: PromptTokens) -> TokenMap:
@@ -111,7 +112,7 @@ class PromptEdit(Controller):
 
     def unbind(self) -> None:
         self._tokenizer = None
-        self._plan = IDENTITY
+        self._plan, self._plan_key = IDENTITY, None
 
     def prepare(self, prompts: Sequence[str]) -> None:
         """Align every edited prompt with the source and resolve the per-word windows (once per prompt set)."""
@@ -166,8 +167,13 @@ class PromptEdit(Controller):
             if e >= len(self._maps):
                 continue
             edits.append((row, source_row, self._maps[e].matrix, self.weights(e, ctx)))
-        size = self._maps[0].size if self._maps else 0
-        self._plan = edit_plan(ctx.batch_size, edits, size, self._device) if edits else IDENTITY
+        if not edits:
+            self._plan, self._plan_key = IDENTITY, None
+            return
+        key = (self._prepared_for, ctx.layout, tuple(tuple(w.tolist()) for *_, w in edits))
+        if key != self._plan_key:  # the plan changes only when a window opens or closes: build it then
+            self._plan = edit_plan(ctx.batch_size, edits, self._maps[0].size, self._device)
+            self._plan_key = key
 
     def end_step(self, ctx: StepContext) -> None:
         pass
