@@ -20,7 +20,8 @@ need not be DDIM):
   then ``x_{i+1}`` = the guided step with the optimised embedding. Only one step's graph exists at a time: the
   conditional prediction and everything between steps run under ``torch.no_grad()``, the UNet's parameters do
   not take gradients (no weight-gradient buffers), the embedding is a float32 leaf even when the UNet runs in
-  fp16 (load the pipeline in float16 on CUDA for the memory saving).
+  fp16. On CUDA the optimisation's UNet calls run under float16 autocast (``half``) when the pipeline is float32;
+  the step taken with the optimised embedding runs in the pipeline's own precision, so sampling follows it exactly.
 
 Reconstruction and edits run the *pipeline itself* from x_T: :class:`InversionGuidance` swaps in the DDIM
 scheduler for the call (restored afterwards) and writes ``null_embeddings[i]`` into every unconditional row's
@@ -30,12 +31,13 @@ it, and ``pc.edit(pipe, inv, "edited prompt", ...)`` edits the real image.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -527,20 +529,30 @@ def prepare_inversion_edit(pipe, inversion: Inversion, pipe_kwargs: dict) -> tup
 
 
 # ---- pc.invert -----------------------------------------------------------------------------------------------------
-def _frozen(module: torch.nn.Module):
-    """Context manager: the module's parameters take no gradients inside (their flags restored after)."""
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """The module's parameters take no gradients inside the block (their flags are restored after, also on error)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
-    class _Freeze:
-        def __enter__(self_inner):
-            self_inner.flags = [(p, p.requires_grad) for p in module.parameters()]
-            for p, _ in self_inner.flags:
-                p.requires_grad_(False)
 
-        def __exit__(self_inner, *exc):
-            for p, flag in self_inner.flags:
-                p.requires_grad_(flag)
+def _half(pipe, half: bool | None) -> bool:
+    if half is not None:
+        return bool(half)
+    return _device(pipe).type == "cuda" and pipe.unet.dtype == torch.float32
 
-    return _Freeze()
+
+def _autocast(device: torch.device, half: bool):
+    """float16 autocast on ``device`` when ``half``, else nothing."""
+    if not half:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.float16)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -565,7 +577,7 @@ def ddim_trajectory(pipe, x0: torch.Tensor, text: _Text, ddim: DDIMSteps, progre
 
 def null_text_optimisation(
     pipe, trajectory: torch.Tensor, text: _Text, ddim: DDIMSteps, *, guidance_scale: float, inner_steps: int,
-    lr: float, early_stop: float, progress: bool = False,
+    lr: float, early_stop: float, progress: bool = False, half: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
     """Per-step unconditional embeddings (steps, K, D) that make guided DDIM sampling follow ``trajectory``,
     and the last loss of each step. See the module docstring for the schedule."""
@@ -585,7 +597,7 @@ def null_text_optimisation(
             done = 0
             loss_value = float("nan")
             for _ in range(inner_steps):
-                with torch.enable_grad():
+                with torch.enable_grad(), _autocast(x.device, half):
                     out_uncond = _model_output(unet, x, t, param, text.added_uncond).float()
                     guided = out_uncond + guidance_scale * (out_cond - out_uncond)
                     loss = F.mse_loss(ddim.step(guided, i, x), target)
@@ -621,6 +633,7 @@ def invert(
     early_stop: float = 1e-5,
     seed: int | None = None,
     progress: bool = True,
+    half: bool | None = None,
     resize: bool | tuple[int, int] = False,
     reconstruct: bool = True,
 ) -> Inversion:
@@ -637,6 +650,8 @@ def invert(
                     threshold (see the module docstring for the schedules)
     seed:           ``None`` encodes the VAE posterior's mean (as the paper); a seed encodes a sample of it
     progress:       show a tqdm progress bar
+    half:           run the null-text optimisation's UNet calls under float16 autocast (half the activation
+                    memory); ``None``: on CUDA when the UNet is float32 (a float16 pipeline is half already)
     reconstruct:    sample the reconstruction right away (``inv.reconstruction``; costs one pipeline call)
     """
     if method not in METHODS:
@@ -667,7 +682,7 @@ def invert(
     if method == "null-text":
         nulls, losses = null_text_optimisation(
             pipe, trajectory, text, ddim, guidance_scale=float(guidance_scale), inner_steps=inner_steps,
-            lr=float(lr), early_stop=float(early_stop), progress=progress,
+            lr=float(lr), early_stop=float(early_stop), progress=progress, half=_half(pipe, half),
         )
     else:
         nulls = text.uncond.detach()[0].repeat(steps, 1, 1)

@@ -146,6 +146,41 @@ def test_sdxl_inversion_and_null_text(tiny_pipes):
     assert null.latent_error() < ddim.latent_error()
 
 
+def test_half_precision_optimisation_still_beats_ddim_and_sampling_follows_it(sd15, inversions):
+    """float16 autocast for the optimisation only (the CUDA default; CPU autocast here): the steps taken with the
+    found embeddings run in float32, so the pipeline's reconstruction is still the written-out guided loop."""
+    ddim, full = inversions
+    half = pc.invert(sd15, picture(), PROMPT, steps=STEPS, inner_steps=5, half=True, progress=False)
+    assert not torch.equal(half.null_embeddings, full.null_embeddings)  # the optimisation did run in float16
+    expected = guided_sampling(sd15, half.x_T, PROMPT, half.null_embeddings, 7.5)
+    torch.testing.assert_close(half.reconstruction_latents, expected, atol=1e-4, rtol=1e-4)
+    assert half.null_embeddings.dtype == torch.float32
+    assert half.latent_error() < 0.9 * ddim.latent_error()
+
+
+def test_progress_bar(sd15, capsys):
+    pc.invert(sd15, picture(), PROMPT, steps=1, inner_steps=1, reconstruct=False)
+    err = capsys.readouterr().err
+    assert "DDIM inversion" in err and "null-text inversion" in err
+    pc.invert(sd15, picture(), PROMPT, steps=1, inner_steps=1, reconstruct=False, progress=False)
+    assert "inversion" not in capsys.readouterr().err
+
+
+def test_unet_flags_restored_when_the_optimisation_fails(sd15):
+    from promptcontrol.inversion import _frozen
+
+    first = next(sd15.unet.parameters())
+    first.requires_grad_(False)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with _frozen(sd15.unet):
+                assert not any(p.requires_grad for p in sd15.unet.parameters())
+                raise RuntimeError("boom")
+        assert not first.requires_grad and all(p.requires_grad for p in list(sd15.unet.parameters())[1:])
+    finally:
+        first.requires_grad_(True)
+
+
 # ---- state ---------------------------------------------------------------------------------------------------------
 def test_no_graph_kept_and_unet_flags_restored(sd15, inversions):
     _, inv = inversions
