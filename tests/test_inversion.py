@@ -261,6 +261,18 @@ def test_edit_of_inversion_with_local_blend_keeps_the_source_outside_the_mask(sd
     assert sd15.scheduler is scheduler
 
 
+def test_trace_of_an_inverted_image(sd15, inversions):
+    """Heat maps of a real image: trace the reconstruction; it is the same run as inv.reconstruction."""
+    _, inv = inversions
+    scheduler = sd15.scheduler
+    with pc.trace(sd15, inv.controller()) as tr:
+        out = sd15(inv.prompt, output_type="latent", **inv.pipe_kwargs(sd15))
+    assert sd15.scheduler is scheduler
+    torch.testing.assert_close(out.images, inv.reconstruction_latents, atol=1e-5, rtol=1e-5)
+    maps = tr.heatmaps(0)
+    assert maps.words == PROMPT.split() and maps["square"].shape == (32, 32)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------------
 def test_image_modes():
     grey = picture().convert("L")
