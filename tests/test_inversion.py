@@ -268,7 +268,7 @@ def test_trace_of_an_inverted_image(sd15, inversions):
     with pc.trace(sd15, inv.controller()) as tr:
         out = sd15(inv.prompt, output_type="latent", **inv.pipe_kwargs(sd15))
     assert sd15.scheduler is scheduler
-    torch.testing.assert_close(out.images, inv.reconstruction_latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.images, inv.reconstruction_latents, atol=1e-4, rtol=1e-4)  # explicit softmax where recorded
     maps = tr.heatmaps(0)
     assert maps.words == PROMPT.split() and maps["square"].shape == (32, 32)
 
