@@ -394,12 +394,60 @@ class Inversion:
             self.reconstruction = decode_latents(pipe, latents)[0]
         return self.reconstruction
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the inversion to one file (``torch.save`` of tensors and plain values; load with :meth:`load`)."""
+        def image_tensor(image):
+            return None if image is None else torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+
+        torch.save(
+            {
+                "format": "promptcontrol.Inversion/1", "prompt": self.prompt, "method": self.method,
+                "latents": self.latents.detach().cpu(), "null_embeddings": self.null_embeddings.detach().cpu(),
+                "timesteps": list(self.timesteps), "guidance_scale": self.guidance_scale,
+                "scheduler_config": _plain(self.scheduler_config), "losses": list(self.losses),
+                "image": image_tensor(self.image), "reconstruction": image_tensor(self.reconstruction),
+                "reconstruction_latents": None if self.reconstruction_latents is None else self.reconstruction_latents.cpu(),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Inversion":
+        """Read an inversion written by :meth:`save` (tensors moved to ``device``)."""
+        from PIL import Image
+
+        data = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != "promptcontrol.Inversion/1":
+            raise ValueError(f"{path} is not an inversion saved by Inversion.save")
+
+        def image(t):
+            return None if t is None else Image.fromarray(t.cpu().numpy())
+
+        return cls(
+            prompt=data["prompt"], method=data["method"], latents=data["latents"],
+            null_embeddings=data["null_embeddings"], timesteps=list(data["timesteps"]),
+            guidance_scale=float(data["guidance_scale"]), image=image(data["image"]),
+            scheduler_config=dict(data["scheduler_config"]), losses=list(data["losses"]),
+            reconstruction=image(data["reconstruction"]), reconstruction_latents=data["reconstruction_latents"],
+        )
+
     def __repr__(self) -> str:
         w, h = self.size
         return (
             f"Inversion(method={self.method!r}, prompt={self.prompt!r}, steps={self.steps}, "
             f"guidance_scale={self.guidance_scale}, size={w}×{h})"
         )
+
+
+def _plain(value):
+    """A config as plain Python values (dicts, lists, numbers, strings, None) for ``torch.load(weights_only=True)``."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 # ---- the controller that samples from an inversion ---------------------------------------------------------------

@@ -273,6 +273,22 @@ def test_trace_of_an_inverted_image(sd15, inversions):
     assert maps.words == PROMPT.split() and maps["square"].shape == (32, 32)
 
 
+def test_save_and_load_round_trip(sd15, inversions, tmp_path):
+    _, inv = inversions
+    inv.save(tmp_path / "inv.pt")
+    back = pc.Inversion.load(tmp_path / "inv.pt")
+    assert (back.prompt, back.method, back.timesteps, back.guidance_scale) == (inv.prompt, inv.method, inv.timesteps, 7.5)
+    torch.testing.assert_close(back.latents, inv.latents, atol=0, rtol=0)
+    torch.testing.assert_close(back.null_embeddings, inv.null_embeddings, atol=0, rtol=0)
+    assert np.array_equal(np.asarray(back.image), np.asarray(inv.image))
+    assert np.array_equal(np.asarray(back.reconstruction), np.asarray(inv.reconstruction))
+    back.reconstruct(sd15)  # the loaded inversion samples the same image
+    torch.testing.assert_close(back.reconstruction_latents, inv.reconstruction_latents)
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an inversion"):
+        pc.Inversion.load(tmp_path / "other.pt")
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------------
 def test_image_modes():
     grey = picture().convert("L")
