@@ -13,11 +13,15 @@ nltk... at module level (its pinned dependencies), so it is not compared here.
 CPU:  ``python -m benchmarks.record``                 (256×256, latent 32×32)
 GPU:  ``python -m benchmarks.record --device cuda --dtype float16 --size 512``
 Memory table only (arithmetic from shapes, no weights): ``python -m benchmarks.record --memory``
+Cross-attention calls alone (less noisy on a busy machine): ``python -m benchmarks.record --attention --repeats 20``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
+import time
 import weakref
 
 import torch
@@ -82,6 +86,70 @@ def cpu_peak_bytes(case: Case, unet, inputs) -> int:
         return mode.peak
 
 
+@contextlib.contextmanager
+def recording_step(unet, latent_hw: tuple[int, int], **options):
+    """A trace whose step context is set by hand, so that cross-attention modules can be called one by one."""
+    from promptcontrol.context import StepContext, batch_layout
+
+    with pc.trace(unet, cfg=True, **options) as tr:
+        ctx = StepContext(index=0, timestep=500.0, total=None, latent_hw=latent_hw, layout=batch_layout(2, None, True))
+        tr.session.context = ctx
+        tr.store.begin_step(ctx)
+        yield tr
+
+
+def attention_only(unet, inputs, repeats: int, device: str) -> str:
+    """The cross-attention calls alone (inputs captured from one UNet call), stock vs recorded, interleaved; and
+    the recording's extra time as a share of a stock UNet call."""
+    from promptcontrol.sites import attention_modules
+
+    sites = [s for s in pc.find_sites(unet) if s.is_cross]
+    modules = attention_modules(unet, sites)
+    captured: dict[str, tuple] = {}
+
+    def hook(key):
+        def capture(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[key] = (hidden.detach().clone(), kwargs["encoder_hidden_states"].detach().clone())
+
+        return capture
+
+    handles = [modules[s.key].register_forward_pre_hook(hook(s.key), with_kwargs=True) for s in sites]
+    with torch.inference_mode():
+        unet(**inputs)
+    for h in handles:
+        h.remove()
+
+    def cross_calls():
+        for key, (hidden, ehs) in captured.items():
+            modules[key](hidden, encoder_hidden_states=ehs)
+
+    latent_hw = tuple(inputs["sample"].shape[-2:])
+    cases = [
+        Case(f"stock cross-attention ({len(sites)} sites)", cross_calls),
+        Case("recorded (pc.trace default)", cross_calls, lambda: recording_step(unet, latent_hw)),
+        Case("recorded, per_step=True", cross_calls, lambda: recording_step(unet, latent_hw, per_step=True)),
+    ]
+    results = compare(cases, repeats=repeats, warmup=2, device=device)
+    unet_times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            unet(**inputs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        unet_times.append(time.perf_counter() - start)
+    t_unet = statistics.median(unet_times)
+    lines = [markdown_table(f"Cross-attention calls alone, {machine()}", results), ""]
+    for r in results[1:]:
+        extra = r.median_s - results[0].median_s
+        lines.append(
+            f"- {r.name}: +{extra * 1000:,.1f} ms per step = {extra / t_unet:+.1%} of a stock UNet call "
+            f"({t_unet * 1000:,.0f} ms) → estimated step ratio {1 + extra / t_unet:.3f}"
+        )
+    return "\n".join(lines)
+
+
 def memory_table(steps: int = 50) -> str:
     """The store's memory for SD 1.5 at 512² and SDXL at 1024² (one image), from the sites' shapes."""
     from diffusers import UNet2DConditionModel
@@ -126,6 +194,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", default="benchmarks/results/record")
     parser.add_argument("--memory", action="store_true", help="print the memory table only")
+    parser.add_argument("--attention", action="store_true", help="time the cross-attention calls alone")
     args = parser.parse_args(argv)
 
     if args.memory:
@@ -136,6 +205,13 @@ def main(argv: list[str] | None = None) -> str:
     dtype = getattr(torch, args.dtype)
     unet = sd15_unet(dtype=dtype, device=args.device)
     inputs = unet_inputs(unet, args.size, batch=2)
+    if args.attention:
+        text = attention_only(unet, inputs, args.repeats, args.device)
+        path = f"{args.out}-attention-{args.device}-{args.dtype}-{args.size}.md"
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return text
 
     def steps():
         for i in range(args.steps):
