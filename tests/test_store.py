@@ -133,6 +133,7 @@ def test_runs_append_images_in_generation_order(sd15):
         sd15(["a dog", "a bird"], num_inference_steps=2, output_type="latent")
     assert tr.num_images == 3
     assert [tr.store.image(i).prompt for i in range(3)] == ["a cat", "a dog", "a bird"]
+    assert tr.store.heatmaps(2).words == ["a", "bird"]
     assert tr.store.steps(0) == [0, 1] and tr.store.steps(2) == [0, 1]
 
 

@@ -482,6 +482,12 @@ class AttentionStore(Controller):
             raise ValueError(f"steps {missing or steps} were not recorded at level {level}; recorded steps: {run.steps}")
         return torch.stack([run.level_steps[s][level][image.slot].float() for s in steps]).mean(dim=0)
 
+    def heatmaps(self, image_index: int = 0, **options):
+        """Per-word :class:`~promptcontrol.heatmap.HeatMaps` of recorded image ``image_index`` (as ``tr.heatmaps``)."""
+        from ..heatmap import build_heatmaps
+
+        return build_heatmaps(self, image_index, **options)
+
     def memory_bytes(self) -> int:
         """Bytes held by the recorded tensors (running sums, per-head sums, per-step maps)."""
         total = 0
