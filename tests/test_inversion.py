@@ -208,7 +208,7 @@ def test_non_ddim_pipeline_scheduler_is_swapped_for_the_call_only(tiny_pipes):
     try:
         euler = pipe.scheduler
         inv = pc.invert(pipe, picture(), PROMPT, steps=2, method="ddim", guidance_scale=1.0, progress=False)
-        assert pipe.scheduler is euler
+        assert pipe.scheduler is euler and pipe.config["scheduler"][1] == "EulerDiscreteScheduler"
         pipe.scheduler = reference_ddim(pipe)
         plain = pipe(PROMPT, latents=inv.x_T, num_inference_steps=2, guidance_scale=1.0, output_type="latent").images
         torch.testing.assert_close(inv.reconstruction_latents, plain, atol=1e-5, rtol=1e-5)
