@@ -116,6 +116,13 @@ def prepare_image(image, multiple: int = 8, resize: bool | tuple[int, int] = Fal
         image.load()
     if isinstance(image, torch.Tensor) or isinstance(image, np.ndarray):
         array = _to_float_array(image)
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 1):  # greyscale
+            array = np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=-1)
+        if array.ndim == 3 and array.shape[-1] in (2, 4):
+            raise ValueError(
+                "the image array has an alpha channel; inversion needs an opaque RGB image: composite it onto a "
+                "background first, or drop the alpha (array[..., :3])"
+            )
         if array.ndim != 3 or array.shape[-1] != 3:
             raise ValueError(
                 f"an image array must be (H, W, 3) or a tensor (3, H, W); got shape {tuple(np.shape(image))}"

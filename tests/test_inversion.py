@@ -295,8 +295,12 @@ def test_image_modes():
     assert prepare_image(grey).mode == "RGB"
     assert prepare_image(np.asarray(picture())).size == (32, 32)
     assert prepare_image(torch.rand(3, 16, 24)).size == (24, 16)
+    grey_array = prepare_image(np.asarray(grey))
+    assert grey_array.mode == "RGB" and np.array_equal(np.asarray(grey_array)[..., 1], np.asarray(grey))
     with pytest.raises(ValueError, match="transparency"):
         prepare_image(picture().convert("RGBA"))
+    with pytest.raises(ValueError, match="alpha channel"):
+        prepare_image(np.asarray(picture().convert("RGBA")))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         prepare_image(np.full((16, 16, 3), 2.0))
     with pytest.raises(TypeError, match="PIL image"):
