@@ -216,6 +216,21 @@ def test_non_ddim_pipeline_scheduler_is_swapped_for_the_call_only(tiny_pipes):
         pipe.scheduler = original
 
 
+def test_v_prediction_model(tiny_pipes):
+    """SD 2.x 768-style v-prediction: the pipeline's reconstruction is the plain DDIM pipeline, null-text helps."""
+    pipe = tiny_pipes("sd21")
+    original = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(original.config, prediction_type="v_prediction")
+    try:
+        ddim = pc.invert(pipe, picture(4), PROMPT, steps=STEPS, method="ddim", progress=False)
+        null = pc.invert(pipe, picture(4), PROMPT, steps=STEPS, inner_steps=5, progress=False)
+        plain = pipe(PROMPT, latents=ddim.x_T, num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent").images
+        torch.testing.assert_close(ddim.reconstruction_latents, plain, atol=1e-5, rtol=1e-5)
+        assert null.latent_error() < ddim.latent_error()
+    finally:
+        pipe.scheduler = original
+
+
 # ---- edits of an inversion -----------------------------------------------------------------------------------------
 def test_edit_of_inversion_source_row_is_the_reconstruction(sd15, inversions):
     _, inv = inversions
