@@ -13,6 +13,9 @@ What is kept (per pipeline run, for the conditional rows only, one slice per out
 * ``per_head=True`` — also a running sum per head per site, on the CPU (float32, since it accumulates), at the
   same resolution cap. Needed for ``heatmaps(heads=...)``.
 
+Per-step and per-head maps of a step are moved to the CPU together when the step ends (one device sync per
+step, not one per site); until then they wait on the attention's device.
+
 The probabilities are materialised only at the cross-attention sites and steps selected by ``steps``,
 ``places``, ``levels`` and ``sites``; every other attention call stays on fused SDPA (sites that are not
 selected do not even get a controlled processor).
@@ -249,6 +252,7 @@ class AttentionStore(Controller):
         self._rows: tuple[int, ...] = ()
         self._row_index: dict[torch.device, torch.Tensor] = {}
         self._level_acc: dict[int, list] = {}  # level → [sum (N, Q, K) of head means, sites, grid] this step
+        self._pending: list[tuple[str, str, torch.Tensor]] = []  # ("step" | "head", key, map) to move to the CPU
 
     # ---- selection ---------------------------------------------------------------------------------------
     def _selected(self, site: AttentionSite) -> bool:
@@ -292,6 +296,7 @@ class AttentionStore(Controller):
 
     def unbind(self) -> None:
         self._level_acc = {}
+        self._pending = []
         self._current = None
         self._recording = False
         self._row_index = {}
@@ -307,12 +312,25 @@ class AttentionStore(Controller):
         # conditional rows ordered by output image
         self._rows = tuple(r for _, r in sorted((layout.image_of_row[r], r) for r in layout.cond_rows))
         self._row_index = {}
+        self._pending, self._level_acc = [], {}  # nothing left over from a step that raised
         self._recording = bool(self._rows) and bool(self._want_step(ctx))
 
     def end_step(self, ctx: StepContext) -> None:
         self._recording = False
-        if self._level_acc and self._current is not None:
-            run = self._current
+        run = self._current
+        if self._pending and run is not None:
+            for kind, key, tensor in self._pending:
+                tensor = tensor.to("cpu")
+                if kind == "step":
+                    run.step_maps.setdefault(ctx.index, {})[key] = tensor
+                elif key in run.head_sums:
+                    run.head_sums[key] += tensor
+                    run.head_counts[key] += 1
+                else:
+                    run.head_sums[key] = tensor
+                    run.head_counts[key] = 1
+        self._pending = []
+        if self._level_acc and run is not None:
             maps = run.level_steps.setdefault(ctx.index, {})
             for level, (total, count, grid) in self._level_acc.items():
                 mean = pool_to(to_grid(total / count, grid), capped_grid(grid, self.max_side))
@@ -371,16 +389,13 @@ class AttentionStore(Controller):
         run.counts[site.key] = run.counts.get(site.key, 0) + heads
         run.timesteps[ctx.index] = ctx.timestep
         small = run.small_grids[site.key]
+        # CPU copies wait for end_step: one device sync per step instead of one per site
         if self.per_head:
-            per_head = pool_to(to_grid(cond, grid), small).to("cpu", torch.float32)  # (N, heads, K, h', w')
-            if site.key in run.head_sums:
-                run.head_sums[site.key] += per_head
-            else:
-                run.head_sums[site.key] = per_head.clone()
-            run.head_counts[site.key] = run.head_counts.get(site.key, 0) + 1
+            per_head = pool_to(to_grid(cond, grid), small)  # (N, heads, K, h', w')
+            self._pending.append(("head", site.key, per_head.to(torch.float32, copy=True)))
         if self.per_step == "site":
             mean = pool_to(to_grid(summed / heads, grid), small)  # (N, K, h', w')
-            run.step_maps.setdefault(ctx.index, {})[site.key] = mean.to("cpu", self.dtype)
+            self._pending.append(("step", site.key, mean.to(self.dtype)))
         elif self.per_step == "level":
             acc = self._level_acc.get(site.level)
             if acc is None:
