@@ -82,3 +82,24 @@ def test_guidance_one_records_the_single_conditional_batch(sd15):
         sd15(["a cat", "a dog"], guidance_scale=1.0, num_inference_steps=2, output_type="latent")
     assert [tr.store.image(i).prompt for i in range(2)] == ["a cat", "a dog"]
     assert tr.heatmaps(1).words == ["a", "dog"]
+
+
+def test_bare_unet_with_tokenizer_and_forced_cfg(sd15):
+    tok = pc.testing.clip_tokenizer()
+    ids = tok(["", "a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = sd15.text_encoder(ids)[0]  # (2, 77, D): [uncond | cond]
+    latents = torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1)
+    with pc.trace(sd15.unet, cfg=True, tokenizer=tok) as tr:
+        with torch.no_grad():
+            sd15.unet(latents, 10, encoder_hidden_states=text)
+    assert tr.num_images == 1 and tr.store.image(0).prompt is None
+    with pytest.raises(ValueError, match="prompt="):
+        tr.heatmaps(0)
+    maps = tr.heatmaps(0, prompt="a red circle", size=20)
+    assert maps["circle"].shape == (20, 20)
+    with pc.trace(sd15.unet, tokenizer=tok) as alone:  # the conditional row alone, no CFG
+        with torch.no_grad():
+            sd15.unet(latents[1:], 10, encoder_hidden_states=text[1:])
+    site = tr.store.recorded_sites(0)[0]
+    torch.testing.assert_close(tr.store.site_map(0, site), alone.store.site_map(0, site), atol=1e-5, rtol=1e-4)
