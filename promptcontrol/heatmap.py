@@ -8,7 +8,8 @@ How a word's map is made (every step is a parameter of :func:`build_heatmaps` / 
 2. **Per level** (resolution): the plain mean of the site maps of that level, at the level's own resolution.
 3. **Across levels**: each level's map is upsampled to the output size and the levels are averaged with weights
    set by ``weighting``: ``"level"`` (default) — every level counts the same, so SDXL's sixty 32×32 layers do not
-   outvote its ten 64×64 ones; ``"resolution"`` — weight ∝ h·w (favours the sharp maps); ``"layer"`` — every
+   outvote its ten 64×64 ones; ``"resolution"`` — weight ∝ the level's grid h·w, i.e. 4^-level (favours the
+   sharp maps); ``"layer"`` — every
    site counts the same (DAAM's rule); or a ``{level: weight}`` dict. Weights are normalised to sum to 1.
 4. **Word**: the sum of the token maps of the word's token positions (a multi-token word such as
    "photorealistic" is the union of its pieces; a phrase the union of its words; a repeated word all its
@@ -68,7 +69,7 @@ def level_weights(
     elif weighting == "layer":
         raw = {lv: float(len(maps)) for lv, maps in groups.items()}
     elif weighting == "resolution":
-        raw = {lv: float(maps[0].shape[-2] * maps[0].shape[-1]) for lv, maps in groups.items()}
+        raw = {lv: 4.0**-lv for lv in groups}  # ∝ the level's grid h·w (each level halves both sides), even for capped maps
     else:
         raise ValueError(f"weighting must be one of {WEIGHTING} or a {{level: weight}} dict; got {weighting!r}")
     total = sum(raw.values())
