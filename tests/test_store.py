@@ -260,3 +260,12 @@ def test_per_step_by_level_keeps_one_map_per_level_and_step(tiny_pipes):
     assert est["total"] == site_level.store.memory_bytes()
     with pytest.raises(ValueError, match="per level"):
         site_level.store.site_map(0, sites[0], steps=[0])
+
+
+def test_conditional_rows_are_picked_in_image_order():
+    store = pc.AttentionStore()
+    probs = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 2, 3, 5)
+    store._rows = (2, 3)  # contiguous: a view
+    assert store._cond(probs)[:, 0, 0, 0].tolist() == [2.0, 3.0]
+    store._rows, store._row_index = (3, 1), {}  # any other order: gathered
+    assert store._cond(probs)[:, 0, 0, 0].tolist() == [3.0, 1.0]

@@ -357,8 +357,9 @@ class AttentionStore(Controller):
 
     def _cond(self, probs: torch.Tensor) -> torch.Tensor:
         """The conditional rows of ``probs`` (B, ...), ordered by image."""
-        if self._rows == tuple(range(probs.shape[0])):
-            return probs
+        first, last = self._rows[0], self._rows[-1]
+        if self._rows == tuple(range(first, last + 1)):  # contiguous (every diffusers layout): a view, no copy
+            return probs[first : last + 1]
         index = self._row_index.get(probs.device)
         if index is None:
             index = self._row_index[probs.device] = torch.tensor(self._rows, device=probs.device)
