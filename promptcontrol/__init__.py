@@ -15,6 +15,7 @@ from .editing import EditResult, edit
 from .controllers.reweight import Reweight  # emphasise: per-word weights
 from .prompt_syntax import ParsedPrompt, WeightedSpan, WeightedWord, parse_prompt
 from .generation import generate
+from .loading import load_pipeline  # the embedded default model, a hub id or a folder
 from .inversion import Inversion, invert  # real images: DDIM / null-text inversion
 
 from . import testing  # noqa: E402  (tiny offline pipelines)
