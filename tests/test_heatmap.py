@@ -208,7 +208,8 @@ def test_export_roundtrip(traced, tmp_path):
     np.testing.assert_allclose(npz["08_circle"], tensor[8].numpy())
     assert str(npz["meta_prompt"]) == PROMPT
     maps["red"].save(tmp_path / "red.png", images[0])
-    assert Image.open(tmp_path / "red.png").size == (48, 32)
+    with Image.open(tmp_path / "red.png") as png:
+        assert png.size == (48, 32)
     maps["red"].save(tmp_path / "red.npy")
     np.testing.assert_allclose(np.load(tmp_path / "red.npy"), maps["red"].numpy())
     with pytest.raises(ValueError, match="safetensors"):
