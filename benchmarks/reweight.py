@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
 import torch
 
@@ -29,7 +30,7 @@ import promptcontrol as pc
 from promptcontrol.plan import IDENTITY, run_plan
 from promptcontrol.sites import attention_modules, find_sites
 
-from .harness import Case, compare, machine, markdown_table, save
+from .harness import Case, Result, compare, machine, markdown_table, save
 from .models import sd15_unet, unet_inputs
 
 WEIGHTS = {2: 2.0, 7: 0.5}  # token positions of the conditional row
@@ -72,7 +73,7 @@ def cross_attention_inputs(unet, inputs) -> list[tuple[torch.Tensor, torch.Tenso
     return captured
 
 
-def attention_part(unet, size: int, repeats: int, device: str, dtype_name: str) -> tuple[str, list]:
+def attention_part(unet, size: int, repeats: int, device: str, dtype_name: str, clock: str = "wall") -> tuple[str, list]:
     """Only the cross-attention calls of one step: stock SDPA vs the fused reweight plans."""
     import torch.nn.functional as F
 
@@ -106,9 +107,43 @@ def attention_part(unet, size: int, repeats: int, device: str, dtype_name: str) 
         Case("Reweight softmax: SDPA, log-w mask", fused(biased)),
         Case("explicit softmax, probabilities × w", explicit),
     ]
-    results = compare(cases, repeats=repeats, warmup=3, device=device, progress=False)
+    if clock == "cpu":
+        results = compare_cpu_time(cases, repeats=repeats, warmup=3)
+    else:
+        results = compare(cases, repeats=repeats, warmup=3, device=device, progress=False)
     title = f"Cross-attention calls of one step only, SD 1.5, {size}×{size}, batch 2, {dtype_name}, {machine()}"
+    title += ", CPU time of the process" if clock == "cpu" else ""
     return markdown_table(title, results), results
+
+
+def compare_cpu_time(cases: list[Case], *, repeats: int, warmup: int = 1) -> list[Result]:
+    """Like :func:`harness.compare` (round-robin after warm-up, per-round ratios to ``cases[0]``), timed by this
+    process's CPU time: on a shared machine, time spent descheduled by other processes does not count."""
+    import statistics
+
+    def timed(case: Case) -> float:
+        with case.context():
+            start = time.process_time()
+            with torch.inference_mode():
+                case.run()
+            return time.process_time() - start
+
+    for _ in range(warmup):
+        for case in cases:
+            timed(case)
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    for _ in range(repeats):
+        for case in cases:
+            times[case.name].append(timed(case))
+    base = times[cases[0].name]
+    results = []
+    for case in cases:
+        ratios = [t / b for t, b in zip(times[case.name], base)]
+        results.append(
+            Result(case.name, statistics.median(times[case.name]), statistics.median(ratios), min(ratios), max(ratios),
+                   None, None, case.note, times[case.name])
+        )
+    return results
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -119,6 +154,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", default="benchmarks/results/reweight")
     parser.add_argument("--part", choices=["step", "attention", "both"], default="both")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="cpu: this process's CPU time (CPU runs on a shared machine)"
+    )
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -126,9 +164,10 @@ def main(argv: list[str] | None = None) -> str:
     tables = []
     for size in args.sizes:
         if args.part in ("attention", "both"):
-            table, results = attention_part(unet, size, max(20, args.repeats), args.device, args.dtype)
+            table, results = attention_part(unet, size, max(20, args.repeats), args.device, args.dtype, args.clock)
             tables.append(table)
-            save(f"{args.out}-attention-{args.device}-{args.dtype}-{size}", table.splitlines()[0], results)
+            suffix = "-cpu-time" if args.clock == "cpu" else ""
+            save(f"{args.out}-attention-{args.device}-{args.dtype}-{size}{suffix}", table.splitlines()[0], results)
             print(table, flush=True)
         if args.part == "attention":
             continue
@@ -147,10 +186,14 @@ def main(argv: list[str] | None = None) -> str:
             Case("Reweight embedding (A1111)", step, reweight("embedding")),
             Case("explicit: diffusers AttnProcessor everywhere", step, lambda: classic_processors(unet)),
         ]
-        results = compare(cases, repeats=args.repeats, device=args.device)
-        title = f"Reweight, SD 1.5 UNet, {size}×{size}, batch 2, {args.dtype}, {machine()}"
+        if args.clock == "cpu":
+            results = compare_cpu_time(cases, repeats=args.repeats)
+        else:
+            results = compare(cases, repeats=args.repeats, device=args.device)
+        clock = ", CPU time of the process" if args.clock == "cpu" else ""
+        title = f"Reweight, SD 1.5 UNet, {size}×{size}, batch 2, {args.dtype}, {machine()}{clock}"
         tables.append(markdown_table(title, results, {c.name: 1.03 for c in cases[1:4]}))
-        save(f"{args.out}-{args.device}-{args.dtype}-{size}", title, results)
+        save(f"{args.out}-{args.device}-{args.dtype}-{size}{'-cpu-time' if args.clock == 'cpu' else ''}", title, results)
         print(tables[-1], flush=True)
     return "\n\n".join(tables)
 
