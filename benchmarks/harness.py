@@ -103,13 +103,15 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def markdown_table(title: str, results: list[Result], targets: dict[str, float] | None = None) -> str:
-    """Results as a Markdown table; a case with a target shows whether it met it."""
+def markdown_table(
+    title: str, results: list[Result], targets: dict[str, float] | None = None, unit: str = "step"
+) -> str:
+    """Results as a Markdown table; a case with a target shows whether it met it. ``unit``: what one timing covers."""
     targets = targets or {}
     lines = [
         f"**{title}**",
         "",
-        "| case | median time / step | ratio to stock (min–max) | peak memory | target | met |",
+        f"| case | median time / {unit} | ratio to stock (min–max) | peak memory | target | met |",
         "| --- | ---: | ---: | ---: | ---: | :---: |",
     ]
     for r in results:

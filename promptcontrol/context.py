@@ -97,6 +97,7 @@ class StepContext:
     latent_hw: spatial size of the latent (the grid of level 0)
     layout:    which row is which (see :class:`BatchLayout`)
     run:       the captured pipeline-call info, when there is one
+    run_id:    counts the pipeline runs of the session (1 for the first); changes exactly when a new run starts
     """
 
     index: int
@@ -105,6 +106,7 @@ class StepContext:
     latent_hw: tuple[int, int]
     layout: BatchLayout
     run: RunInfo | None = field(default=None, compare=False)
+    run_id: int = 0
 
     @property
     def batch_size(self) -> int:

@@ -79,6 +79,7 @@ class Session:
         self._pending_run: RunInfo | None = None
         self._new_run = True
         self._step = -1
+        self._run_id = 0
         self._total: int | None = None
         self._saved_processors: dict[str, Any] = {}
         self._hooks: list[Any] = []
@@ -257,6 +258,7 @@ class Session:
         if self._new_run:
             self._new_run = False
             self._step = 0
+            self._run_id += 1
             self.run, self._pending_run = self._pending_run, None
             self._total = self._total_steps()
         else:
@@ -277,6 +279,7 @@ class Session:
             latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])),
             layout=batch_layout(int(sample.shape[0]), run, self.cfg_default),
             run=run,
+            run_id=self._run_id,
         )
         for controller in self.controllers:
             controller.begin_step(self.context)

@@ -309,6 +309,7 @@ def test_steps_are_counted_per_unet_call_and_reset_per_run(sd15):
         run(sd15, PROMPTS[:1], steps=3)
         run(sd15, PROMPTS[:1], steps=4)
     assert [c.index for c in log.steps] == [0, 1, 2, 0, 1, 2, 3]
+    assert [c.run_id for c in log.steps] == [1, 1, 1, 2, 2, 2, 2]
     assert [c.total for c in log.steps] == [3, 3, 3, 4, 4, 4, 4]
     timesteps = [c.timestep for c in log.steps[3:]]
     assert timesteps == sorted(timesteps, reverse=True)
@@ -342,6 +343,7 @@ def test_bare_unet_rows_are_conditional_unless_told(tmp_path):
         session.reset_steps()
         unet(x, t, text)
     assert [c.index for c in log.steps] == [0, 1, 0]
+    assert [c.run_id for c in log.steps] == [1, 1, 2]
     assert log.steps[0].layout.cond_rows == (0, 1, 2, 3) and log.steps[0].total is None
     log2 = StepLog()
     with torch.no_grad(), pc.control(unet, log2, cfg=True):

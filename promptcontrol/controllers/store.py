@@ -303,7 +303,7 @@ class AttentionStore(Controller):
 
     # ---- step bookkeeping --------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
-        key = (ctx.latent_hw, ctx.layout)
+        key = (ctx.run_id, ctx.latent_hw, ctx.layout)
         if ctx.index == 0 or ctx.index <= self._last_index or key != self._run_key:
             self._run_id += 1
             self._current = None  # a new pipeline run: its images are appended when it first records
