@@ -8,8 +8,9 @@ Prompt editing (``[from:to:when]``, ``[a|b]``) needs a different text embedding 
 pipeline encodes the first step's prompts as usual; every other prompt the schedule reaches is encoded once,
 before the run, with the pipeline's own ``encode_prompt``; a :class:`PromptSchedule` controller then swaps the
 conditional rows' text features (the UNet's ``encoder_hidden_states``) at the steps that use them, and one
-``Reweight`` per stretch of steps with the same weights applies that stretch's token positions. SDXL's pooled
-text embedding (an input of the time embedding, not of attention) stays the first step's one.
+``Reweight`` per stretch of steps with the same weights applies that stretch's token positions. On SDXL the
+pooled text embedding (an input of the time embedding) is switched at the same steps, as A1111 does, by a UNet
+pre-hook that lives as long as the session.
 """
 
 from __future__ import annotations
@@ -32,27 +33,34 @@ class PromptSchedule(Controller):
     """Swap the conditional rows' text features per step (prompt editing).
 
     ``table[step][prompt index]`` is the row of ``embeddings`` ``(N, K, D)`` that the prompt's conditional rows
-    use at that step, or ``None`` to keep the pipeline's own encoding (the first step's prompt).
+    use at that step, or ``None`` to keep the pipeline's own encoding (the first step's prompt). ``pooled``
+    ``(N, P)``: SDXL's pooled text embeddings of the same texts, swapped in ``added_cond_kwargs["text_embeds"]``.
     """
 
-    def __init__(self, embeddings: torch.Tensor, table: list[list[int | None]]):
+    def __init__(self, embeddings: torch.Tensor, table: list[list[int | None]], pooled: torch.Tensor | None = None):
         self.embeddings = embeddings  # (N, K, D)
+        self.pooled = pooled  # (N, P) or None
         self.table = table
         self.total = len(table)
+        self._session = None
+        self._hook = None
 
     def applies_to(self, site: AttentionSite) -> bool:
         return False  # acts on the UNet's text input only
 
-    def begin_step(self, ctx: StepContext) -> None:
-        if ctx.total is not None and ctx.total != self.total:
-            raise ValueError(
-                f"the prompt schedule was built for {self.total} steps but the pipeline runs {ctx.total}; pass "
-                "num_inference_steps to generate (img2img strength and custom timesteps change the count)"
-            )
+    def bind(self, session) -> None:
+        self._session = session
 
-    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def unbind(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = None
+        self._session = None
+
+    def _rows(self, ctx: StepContext) -> tuple[list[int], list[int]]:
+        """(batch rows, embedding rows) to swap at this step."""
         if ctx.index >= self.total:
-            return encoder_hidden_states
+            return [], []
         choice = self.table[ctx.index]
         rows, sources = [], []
         for row in ctx.layout.cond_rows:
@@ -60,6 +68,33 @@ class PromptSchedule(Controller):
             if prompt < len(choice) and choice[prompt] is not None:
                 rows.append(row)
                 sources.append(choice[prompt])
+        return rows, sources
+
+    def _swap_pooled(self, module, args, kwargs):
+        ctx = self._session.context if self._session is not None else None
+        added = kwargs.get("added_cond_kwargs")
+        if ctx is None or not isinstance(added, dict) or added.get("text_embeds") is None:
+            return None
+        rows, sources = self._rows(ctx)
+        if not rows:
+            return None
+        text_embeds = added["text_embeds"].clone()  # (B, P)
+        text_embeds[rows] = self.pooled[sources].to(device=text_embeds.device, dtype=text_embeds.dtype)
+        return args, {**kwargs, "added_cond_kwargs": {**added, "text_embeds": text_embeds}}
+
+    def begin_step(self, ctx: StepContext) -> None:
+        if self.pooled is not None and self._hook is None and self._session is not None:
+            # Registered from inside the session's pre-hook, so it runs after it (from the next UNet call on) and
+            # sees the step context; step 0 never swaps (the pipeline encodes the first step's prompt itself).
+            self._hook = self._session.unet.register_forward_pre_hook(self._swap_pooled, with_kwargs=True)
+        if ctx.total is not None and ctx.total != self.total:
+            raise ValueError(
+                f"the prompt schedule was built for {self.total} steps but the pipeline runs {ctx.total}; pass "
+                "num_inference_steps to generate (img2img strength and custom timesteps change the count)"
+            )
+
+    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        rows, sources = self._rows(ctx)
         if not rows:
             return encoder_hidden_states
         out = encoder_hidden_states.clone()
@@ -95,14 +130,17 @@ def _plain_negative(negative: Any, compel: bool) -> Any:
     return plain[0] if isinstance(negative, str) else plain
 
 
-def _encode(pipe, texts: list[str], clip_skip: Any) -> torch.Tensor:
-    """Conditional text features ``(N, K, D)`` of ``texts``, by the pipeline's own ``encode_prompt``."""
+def _encode(pipe, texts: list[str], clip_skip: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditional text features ``(N, K, D)`` of ``texts`` by the pipeline's own ``encode_prompt``, and SDXL's
+    pooled embeddings ``(N, P)`` (``None`` for pipelines without them)."""
     device = getattr(pipe, "_execution_device", None) or pipe.device
     kwargs = dict(prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     if clip_skip is not None:
         kwargs["clip_skip"] = clip_skip
     with torch.no_grad():
-        return pipe.encode_prompt(**kwargs)[0]
+        encoded = pipe.encode_prompt(**kwargs)
+    pooled = encoded[2] if len(encoded) == 4 and isinstance(encoded[2], torch.Tensor) else None
+    return encoded[0], pooled
 
 
 def _weight_groups(per_step: list[tuple[dict, ...]]) -> list[tuple[list[int], tuple[dict, ...]]]:
@@ -176,7 +214,8 @@ def generate(
                     row.append(texts.index(text))
             table.append(row)
         if texts:
-            controllers.append(PromptSchedule(_encode(pipe, texts, pipe_kwargs.get("clip_skip")), table))
+            embeddings, pooled = _encode(pipe, texts, pipe_kwargs.get("clip_skip"))
+            controllers.append(PromptSchedule(embeddings, table, pooled))
         per_step = [tuple(weights_of(schedule[step]) for schedule in schedules) for step in range(total)]
         for steps, weights in _weight_groups(per_step):
             controllers.append(Reweight(list(weights), mode=mode, steps=None if len(steps) == total else steps))

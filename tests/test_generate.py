@@ -64,17 +64,21 @@ def test_seed(sd15):
 
 
 # ---- prompt editing against an independent swap (the pipeline's own step-end callback) ---------------------------
-def swap_callback(pipe, switch_at: int, text: str):
-    """After step ``switch_at - 1``, replace the conditional text features with those of ``text``."""
-    new = pipe.encode_prompt(prompt=text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+def swap_callback(pipe, switch_at: int, text: str, pooled: bool = True):
+    """After step ``switch_at - 1``, replace the conditional text features (and SDXL's pooled embedding, as A1111
+    does) with those of ``text``."""
+    encoded = pipe.encode_prompt(prompt=text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    sdxl = len(encoded) == 4
+    names = ["prompt_embeds", "add_text_embeds"] if sdxl and pooled else ["prompt_embeds"]
+    new = {"prompt_embeds": encoded[0], "add_text_embeds": encoded[2] if sdxl else None}
 
     def callback(p, step, timestep, tensors):
         if step == switch_at - 1:
-            embeds = tensors["prompt_embeds"]  # (2, K, D): [uncond | cond]
-            tensors["prompt_embeds"] = torch.cat([embeds[:1], new.to(embeds)])
+            for name in names:  # rows: [uncond | cond]
+                tensors[name] = torch.cat([tensors[name][:1], new[name].to(tensors[name])])
         return tensors
 
-    return dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    return dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=names)
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -86,6 +90,15 @@ def test_prompt_editing_swaps_text_at_the_step(tiny_pipes, kind):
     assert max_diff(got, stock(pipe, "a red car", steps=4)) > 1e-5
     # a fraction: int(0.5 * 4) = 2, the same switch
     assert max_diff(gen(pipe, "a [red:blue:0.5] car", steps=4), got) == 0.0
+
+
+def test_prompt_editing_sdxl_switches_pooled_embedding_and_cleans_up(tiny_pipes):
+    pipe = tiny_pipes("sdxl")
+    hooks = dict(pipe.unet._forward_pre_hooks)
+    got = gen(pipe, "a [red:blue:2] car", steps=4)
+    assert dict(pipe.unet._forward_pre_hooks) == hooks
+    text_only = swap_callback(pipe, 2, "a blue car", pooled=False)  # the same swap without the pooled one
+    assert max_diff(got, stock(pipe, "a red car", steps=4, **text_only)) > 1e-6
 
 
 def test_prompt_editing_with_weights(sd15):
