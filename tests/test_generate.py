@@ -154,3 +154,13 @@ def test_bad_input(sd15):
         pc.generate(sd15, "a car", prompt_embeds=torch.zeros(1, 77, 32))
     with pytest.raises(ValueError, match="mode"):
         pc.generate(sd15, "a (red:2) car", mode="loud")
+
+
+def test_prompt_editing_needs_the_real_step_count(tiny_pipes):
+    pipe = tiny_pipes("sdxl")
+    hooks = dict(pipe.unet._forward_pre_hooks)
+    with pytest.raises(ValueError, match="built for 4 steps but the pipeline runs 2"):
+        gen(pipe, "a [red:blue:2] car", steps=4, denoising_end=0.5)  # SDXL stops after half the steps
+    assert dict(pipe.unet._forward_pre_hooks) == hooks
+    with pytest.raises(ValueError, match="prompt_2"):
+        gen(pipe, "a [red:blue:2] car", steps=4, prompt_2="a car")
