@@ -116,18 +116,20 @@ def _prompts(prompt: Any, name: str) -> list[str]:
     return prompts
 
 
-def _plain_negative(negative: Any, compel: bool) -> Any:
-    """Negative prompts without syntax (their weights are not applied: Reweight leaves unconditional rows alone)."""
+def _parse_negative(negative: Any, compel: bool, tokenizer) -> tuple[Any, list[dict[int, float]] | None]:
+    """(plain negative prompt(s) for the pipeline, token weights per negative prompt or ``None`` when unweighted).
+
+    Weights act on the unconditional rows, as A1111 weights its negative prompt. Prompt editing in a negative
+    prompt is not applied (its first step is used, with a warning).
+    """
     if negative is None:
-        return None
+        return None, None
     parsed = [parse_prompt(p, compel=compel) for p in _prompts(negative, "negative_prompt")]
-    if any(p.spans or p.is_scheduled for p in parsed):
-        warnings.warn(
-            "generate: weights and prompt editing in the negative prompt are not applied (only the syntax is removed)",
-            stacklevel=3,
-        )
+    if any(p.is_scheduled for p in parsed):
+        warnings.warn("generate: prompt editing in the negative prompt is not applied (its first step is used)", stacklevel=3)
     plain = [p.prompt for p in parsed]
-    return plain[0] if isinstance(negative, str) else plain
+    weights = [p.token_weights(tokenizer) for p in parsed]
+    return (plain[0] if isinstance(negative, str) else plain), (weights if any(weights) else None)
 
 
 def _encode(pipe, texts: list[str], clip_skip: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,7 +169,8 @@ def generate(
     ``prompt``: one prompt or a list (a batch); A1111 emphasis and prompt editing, compel ``+``/``-``/``(..)N``.
     ``seed``: seeds a CPU ``torch.Generator`` (ignored when ``generator=`` is passed). ``mode``: how weights act
     (``"attention"``, ``"softmax"``, ``"embedding"``, see :class:`promptcontrol.Reweight`). ``compel=False``
-    reads ``+``/``-`` and ``(..)N`` as plain text. Every other keyword goes to the pipeline (``height``,
+    reads ``+``/``-`` and ``(..)N`` as plain text. ``negative_prompt``: its weights act on the unconditional
+    rows (as A1111 weights the negative prompt). Every other keyword goes to the pipeline (``height``,
     ``width``, ``num_inference_steps``, ``guidance_scale``, ``num_images_per_prompt``, ``output_type``, ...).
 
     Returns ``pipe(...).images``: PIL images by default, a numpy array for ``output_type="np"``, latents for
@@ -184,7 +187,7 @@ def generate(
         raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
     if seed is not None and pipe_kwargs.get("generator") is None:
         pipe_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
-    pipe_kwargs["negative_prompt"] = _plain_negative(negative_prompt, compel)
+    pipe_kwargs["negative_prompt"], negative_weights = _parse_negative(negative_prompt, compel, tokenizer)
 
     controllers: list[Controller] = []
     weights_cache: dict[tuple, dict[int, float]] = {}
@@ -223,6 +226,10 @@ def generate(
         weights = [weights_of(p) for p in parsed]
         if any(weights):
             controllers.append(Reweight(weights, mode=mode))
+
+    if negative_weights is not None:  # one dict for every prompt, or one per prompt (a list of negative prompts)
+        negative = negative_weights[0] if isinstance(negative_prompt, str) else negative_weights
+        controllers.append(Reweight([{}] * len(parsed), mode=mode, negative=negative))
 
     plain = [schedule.prompt for schedule in parsed]
     call_prompt = plain[0] if isinstance(prompt, str) else plain

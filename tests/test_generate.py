@@ -134,10 +134,23 @@ def test_prompt_editing_in_one_prompt_of_a_batch(sd15):
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
-def test_negative_prompt_weights_warn(sd15):
+@pytest.mark.parametrize("mode", ["attention", "embedding"])
+def test_negative_prompt_weights_act_on_unconditional_rows(sd15, mode):
+    # <start> red photo <end>: red = position 1
+    got = gen(sd15, "a (blue:1.2) car", negative_prompt="(red:1.5) photo", mode=mode)
+    with pc.control(sd15, pc.Reweight({"blue": 1.2}, mode=mode), pc.Reweight({}, negative={1: 1.5}, mode=mode)):
+        expected = stock(sd15, "a blue car", negative_prompt="red photo")
+    assert max_diff(got, expected) <= 1e-6
+    assert max_diff(got, gen(sd15, "a (blue:1.2) car", negative_prompt="red photo", mode=mode)) > 1e-6
+
+
+def test_negative_prompt_per_prompt_and_editing(sd15):
+    got = gen(sd15, ["a red car", "a blue car"], negative_prompt=["photo", "(photo:0.5)"])
+    with pc.control(sd15, pc.Reweight([{}, {}], negative=[{}, {1: 0.5}])):
+        expected = stock(sd15, ["a red car", "a blue car"], negative_prompt=["photo", "photo"])
+    assert max_diff(got, expected) <= 1e-6
     with pytest.warns(UserWarning, match="negative prompt"):
-        got = gen(sd15, PROMPT, negative_prompt="(blurry:1.5)")
-    assert max_diff(got, stock(sd15, PROMPT, negative_prompt="blurry")) == 0.0
+        gen(sd15, "a car", negative_prompt="[blurry:sharp:1]")
 
 
 def test_cut_off_word_warns(sd15):

@@ -224,6 +224,28 @@ def test_weight_one_changes_nothing(sd15, mode):
     assert (mixed[1] - stock[1]).abs().max() > 1e-4
 
 
+def test_negative_weights_touch_only_unconditional_rows(sd15):
+    for _, effective, explicit in effective_maps(sd15, pc.Reweight({}, negative={2: 2.0})):
+        assert (effective[1] - explicit[1]).abs().max() <= 1e-6
+        scale = torch.ones(effective.shape[-1])
+        scale[2] = 2.0
+        assert (effective[0] - explicit[0] * scale).abs().max() <= 1e-6
+
+
+def test_negative_weights_embedding_equal_a1111(trained_like_pipes):
+    pipe = trained_like_pipes("sd15")
+    with Capture(pipe, SITE) as plain, torch.no_grad():
+        run(pipe, steps=1, negative_prompt="a blurry photo")
+    with pc.control(pipe, pc.Reweight({}, mode="embedding", negative={2: 1.4})) as session:
+        with Capture(pipe, SITE, session) as cap, torch.no_grad():
+            run(pipe, steps=1, negative_prompt="a blurry photo")
+    raw, got = plain.calls[0][2], cap.calls[0][2]
+    w = torch.ones(raw.shape[1])
+    w[2] = 1.4
+    assert torch.equal(got[1], raw[1])
+    assert (got[0] - a1111_emphasis(raw[0], w)).abs().max() <= 1e-5
+
+
 def test_guidance_off_weights_every_row(sd15):
     for _, effective, explicit in effective_maps(sd15, pc.Reweight({"square": 0.5}), guidance_scale=1.0):
         assert effective.shape[0] == 1
@@ -317,6 +339,13 @@ def test_bare_unet_positions():
 def test_bad_weights(weights, error, match):
     with pytest.raises(error, match=match):
         pc.Reweight(weights)
+    with pytest.raises(error, match=match):
+        pc.Reweight({}, negative=weights)
+
+
+def test_negative_weights_need_positions():
+    with pytest.raises(TypeError, match="token position"):
+        pc.Reweight({}, negative={"blurry": 0.5})
 
 
 def test_bad_options():
@@ -355,6 +384,7 @@ def snapshot(pipe):
         (pc.Reweight({"red": 2.0, 2: 1.5}), PROMPT, ValueError, "conflicting"),
         (pc.Reweight([{"red": 2.0}]), ["a red car", "a green car"], ValueError, "1 prompt"),
         (pc.Reweight({100: 2.0}), PROMPT, ValueError, "position 100"),
+        (pc.Reweight({}, negative=[{1: 2.0}]), ["a red car", "a green car"], ValueError, "negative weights for 1"),
     ],
 )
 def test_errors_inside_the_run_propagate_and_restore(sd15, controller, prompts, error, match):

@@ -1,7 +1,7 @@
 """``Reweight``: per-word weights in cross-attention (prompt-to-prompt's equalizer, a renormalised variant, A1111).
 
 Three ways to weight a word ``w`` times, all on the conditional rows of the prompt that holds the word (the
-unconditional rows stay as they are, as in prompt-to-prompt):
+unconditional rows stay as they are, as in prompt-to-prompt, unless ``negative=`` weights the negative prompt):
 
 * ``"attention"`` (default) — the P2P equalizer: post-softmax probabilities of the word's tokens times ``w``,
   *not* renormalised (negative weights allowed). Fused: ``sdpa(q, k, v * w[token])`` since
@@ -195,12 +195,18 @@ class Reweight(Controller):
     of step indices. ``sites``: ``None``, a place, places, ``{"places": ..., "levels": ...}`` or a callable on
     :class:`~promptcontrol.sites.AttentionSite` (not for ``mode="embedding"``, which acts on the UNet's text input).
 
+    ``negative``: weights for the *unconditional* rows (the negative prompt), as ``{token position: w}`` or a
+    list of them per prompt index — token positions only, since the session does not see the negative prompt's
+    text (:func:`promptcontrol.generate` computes them from the negative prompt's syntax, as A1111 weights it).
+
     Raises ``TypeError``/``ValueError`` for weights that are not finite numbers (at construction); ``KeyError``
     listing the prompt's words for an unknown word and ``ValueError`` for conflicting weights of one token (at
     the first step of the pipeline call); warns when a weighted word is cut off by the token limit.
     """
 
-    def __init__(self, weights: Any, *, mode: str = "attention", steps: Any = None, sites: Any = None):
+    def __init__(
+        self, weights: Any, *, mode: str = "attention", steps: Any = None, sites: Any = None, negative: Any = None
+    ):
         if mode not in MODES:
             raise ValueError(f"Reweight: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "embedding" and sites is not None:
@@ -210,6 +216,14 @@ class Reweight(Controller):
             )
         self.mode = mode
         self.per_prompt, self.weights = _check_weights(weights, mode)
+        self.negative_per_prompt, self.negative = (False, [{}]) if negative is None else _check_weights(negative, mode)
+        for table in self.negative:
+            for key in table:
+                if not isinstance(key, int):
+                    raise TypeError(
+                        f"Reweight: negative weights are keyed by token position (int), got {key!r}: the session sees "
+                        "the prompts' text but not the negative prompt's; pc.generate computes the positions for you"
+                    )
         self.steps = steps
         self._in_window = step_filter(steps)
         self._at_site = site_filter(sites)
@@ -218,7 +232,9 @@ class Reweight(Controller):
 
     def __repr__(self) -> str:
         shown = self.weights if self.per_prompt else self.weights[0]
-        return f"Reweight({shown!r}, mode={self.mode!r}, steps={self.steps!r})"
+        negative = self.negative if self.negative_per_prompt else self.negative[0]
+        extra = f", negative={negative!r}" if any(self.negative) else ""
+        return f"Reweight({shown!r}, mode={self.mode!r}, steps={self.steps!r}{extra})"
 
     def _reset(self) -> None:
         self._run_key: Any = None
@@ -226,7 +242,7 @@ class Reweight(Controller):
         self._tensor_key: Any = None
         self._multiplier: torch.Tensor | None = None  # (B, K) weight per row and token, 1 elsewhere
         self._term: torch.Tensor | None = None  # attention: the V scale (B, K); softmax: the logit bias (B, K)
-        self._rows: torch.Tensor | None = None  # embedding: rows with any weight != 1
+        self._rows: torch.Tensor | None = None  # embedding: rows with any weight != 1 (conditional or not)
         self._groups: list[tuple[int, int]] | None = None  # embedding: feature slices, one per text encoder
         self._active = False
 
@@ -277,6 +293,11 @@ class Reweight(Controller):
                 f"Reweight got weights for {len(self.weights)} prompt(s) but this pipeline call has {n_prompts} "
                 "prompt(s); give one dict per prompt (use {} for a prompt to leave as it is)"
             )
+        if self.negative_per_prompt and len(self.negative) != n_prompts:
+            raise ValueError(
+                f"Reweight got negative weights for {len(self.negative)} prompt(s) but this pipeline call has "
+                f"{n_prompts} prompt(s); give one dict per prompt"
+            )
         tokenizer = self._session.tokenizer if self._session is not None else None
         cache: dict[int, dict[int, float]] = {}
         rows = {}
@@ -288,6 +309,12 @@ class Reweight(Controller):
                 cache[p] = resolve_positions(weights, prompt, tokenizer, prompt_index=p if n_prompts > 1 else None)
             if cache[p]:
                 rows[row] = cache[p]
+        for row in layout.uncond_rows:
+            p = layout.prompt_of_row[row]
+            table = self.negative[p] if self.negative_per_prompt else self.negative[0]
+            negative = {position: w for position, w in table.items() if w != 1.0}
+            if negative:
+                rows[row] = negative
         return rows
 
     # ---- tensors (once per run, on the text input's device and dtype) ----
