@@ -1,0 +1,582 @@
+"""``promptcontrol sweep``: many prompts (or edits) split across processes with accelerate, resumable.
+
+    accelerate launch -m promptcontrol sweep prompts.txt --mode inspect --save-maps --out runs/sweep
+    python -m promptcontrol sweep edits.jsonl --mode edit --out runs/edits          # one process
+
+Jobs come from a text file (one prompt a line; blank lines and ``#`` comments skipped) or a JSONL file (one JSON
+object a line, keys in :data:`JOB_KEYS`). Every job is checked before anything runs; a bad line stops the sweep
+with its line number. A job's id is a content hash of the job (with its seed filled in) and of the run options
+that change its outputs (:func:`job_options`), so a rerun recognises finished work and a changed option makes
+new jobs.
+
+Layout of ``--out``::
+
+    jobs/<id>/...               each job's files (written to a staging folder, renamed into place when complete)
+    status/rank-<k>.jsonl       one line per finished job of process k (appended and flushed per job)
+    maps/rank-<k>-<n>.safetensors   --save-maps: per-word maps (see promptcontrol.mapsets, pc.load_maps)
+    index.jsonl                 every job of the file: id, line, prompt(s), status, error, files (main process, atomic)
+    sweep.json                  the run's parameters and package versions
+
+A rerun skips jobs recorded done whose files exist, and shares the rest out again; a job that raises is
+recorded failed with its error, the sweep goes on, failed jobs are tried again on the next run. Exit status:
+0 every job done, 1 some job failed (see ``index.jsonl``), 2 bad input (job file, options, model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("inspect", "generate", "edit")
+JOB_KEYS: dict[str, dict[str, str]] = {  # key -> kind of value
+    "inspect": {"prompt": "str", "seed": "int", "weights": "weights", "words": "words", "negative": "str"},
+    "generate": {"prompt": "str", "seed": "int", "weights": "weights", "negative": "str"},
+    "edit": {
+        "source": "str", "edits": "edits", "seed": "int", "cross_steps": "fraction", "self_steps": "fraction",
+        "blend": "words", "reweight": "weights",
+    },
+}
+REQUIRED = {"inspect": ("prompt",), "generate": ("prompt",), "edit": ("source", "edits")}
+EXIT_FAILED_JOBS = 1
+
+
+class JobFileError(ValueError):
+    """A job file that cannot be read: names the file, the line and the fix."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job: ``spec`` is the canonical job (seed filled in), ``id`` its content hash, ``line`` its line."""
+
+    id: str
+    line: int
+    spec: dict[str, Any]
+    lines: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.spec.get("prompt") or self.spec.get("source", "")
+
+
+# ---- reading and checking jobs --------------------------------------------------------------------------------
+def _check_value(kind: str, key: str, value: Any) -> Any:
+    """Check and normalise one value of a job; raises ValueError naming the key."""
+    if kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'"{key}" must be a non-empty string, got {value!r}')
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f'"{key}" must be an integer, got {value!r}')
+        return value
+    if kind == "fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f'"{key}" must be a number in [0, 1], got {value!r}')
+        return float(value)
+    if kind == "words":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
+            raise ValueError(f'"{key}" must be a word or a non-empty list of words, got {value!r}')
+        return value
+    if kind == "edits":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
+            raise ValueError(f'"{key}" must be a prompt or a non-empty list of prompts, got {value!r}')
+        return value
+    if kind == "weights":
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f'"{key}" must be an object {{"word": weight, ...}}, got {value!r}')
+        for word, weight in value.items():
+            if not word.strip() or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f'"{key}" maps words to numbers; {word!r}: {weight!r} is not that')
+        return {w: float(x) for w, x in value.items()}
+    raise AssertionError(kind)
+
+
+def check_job(raw: Any, mode: str, default_seed: int) -> dict[str, Any]:
+    """A job as read from the file → its canonical spec (seed filled in, lists normalised); ValueError if bad."""
+    if isinstance(raw, str):
+        raw = {"prompt": raw} if mode != "edit" else raw
+    if not isinstance(raw, dict):
+        if mode == "edit":
+            raise ValueError('edit jobs are JSON objects {"source": ..., "edits": [...]}; a plain prompt is not enough')
+        raise ValueError(f"a job is a JSON object like {{\"prompt\": \"...\"}}, got {type(raw).__name__}")
+    allowed = JOB_KEYS[mode]
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} for --mode {mode}; allowed: {', '.join(allowed)}")
+    missing = [k for k in REQUIRED[mode] if k not in raw]
+    if missing:
+        raise ValueError(f"missing {', '.join(repr(k) for k in missing)} (needed by --mode {mode})")
+    spec = {key: _check_value(allowed[key], key, raw[key]) for key in allowed if key in raw}
+    spec.setdefault("seed", int(default_seed))
+    if mode in ("inspect", "generate") and "weights" in spec:
+        from .prompt_syntax import parse_prompt
+
+        parsed = parse_prompt(spec["prompt"])
+        if parsed.spans or parsed.is_scheduled:
+            raise ValueError('give weights either in the prompt syntax or in "weights", not both')
+    return spec
+
+
+def read_jobs(path: str | os.PathLike, mode: str, *, default_seed: int = 0) -> list[tuple[int, dict[str, Any]]]:
+    """Read and check every job of ``path`` (``.jsonl`` / ``.json``: JSON lines; else one prompt a line).
+
+    Returns ``(line number, canonical spec)`` pairs (see :func:`make_jobs`). Blank lines and lines starting with
+    ``#`` are skipped. Raises :class:`JobFileError` naming the first bad line.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise JobFileError(f"no job file at {path}: pass a text file (one prompt a line) or a .jsonl file")
+    as_json = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    if mode == "edit" and not as_json:
+        raise JobFileError(f"--mode edit reads JSON lines ({{\"source\": ..., \"edits\": [...]}}); {path} is not .jsonl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise JobFileError(f"{path} is not UTF-8 text ({error})") from None
+    specs: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            raw = json.loads(stripped) if as_json else stripped
+        except json.JSONDecodeError as error:
+            raise JobFileError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        try:
+            specs.append((number, check_job(raw, mode, default_seed)))
+        except ValueError as error:
+            raise JobFileError(f"{path}:{number}: {error}") from None
+    if not specs:
+        raise JobFileError(f"{path} holds no jobs (blank lines and # comments are skipped)")
+    return specs
+
+
+def job_id(spec: dict[str, Any], options: dict[str, Any]) -> str:
+    """Content hash of a job and the run options that change its outputs (16 hex digits)."""
+    canonical = json.dumps({"job": spec, "options": options}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options that change a job's outputs (they enter every job id)."""
+    options = {
+        "mode": args.mode,
+        "model": args.model or "embedded",
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "size": list(args.size) if args.size else None,
+        "dtype": args.dtype,
+    }
+    if args.mode in ("inspect", "generate"):
+        options["weight_mode"] = args.weight_mode
+    if args.mode == "edit":
+        options["edit_mode"] = args.edit_mode
+    if args.mode == "inspect":
+        options.update(save_maps=args.save_maps, words_from_prompt=args.words_from_prompt,
+                       map_size=args.map_size, normalize=args.normalize)
+    return options
+
+
+def make_jobs(specs: list[tuple[int, dict[str, Any]]], options: dict[str, Any]) -> list[Job]:
+    """Jobs in file order, one per distinct id (a repeated job runs once; ``Job.lines`` lists its lines)."""
+    by_id: dict[str, tuple[int, dict, list[int]]] = {}
+    for line, spec in specs:
+        key = job_id(spec, options)
+        if key in by_id:
+            by_id[key][2].append(line)
+        else:
+            by_id[key] = (line, spec, [line])
+    return [Job(key, line, spec, tuple(lines)) for key, (line, spec, lines) in by_id.items()]
+
+
+def share(pending: list[Job], rank: int, processes: int) -> list[Job]:
+    """This process's part of the pending jobs: every ``processes``-th job, starting at ``rank``."""
+    return pending[rank::processes]
+
+
+# ---- status logs and the index ------------------------------------------------------------------------------
+class StatusLog:
+    """``status/rank-<k>.jsonl``: one JSON line per finished job, flushed and synced before the next job."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a+b")
+        self._handle.seek(0, os.SEEK_END)
+        if self._handle.tell() > 0:  # a kill may have cut the last line: start on a fresh line
+            self._handle.seek(-1, os.SEEK_END)
+            if self._handle.read(1) != b"\n":
+                self._handle.write(b"\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_status(out: Path) -> dict[str, dict[str, Any]]:
+    """The latest record of every job id in ``out/status/*.jsonl`` (cut or garbled lines are skipped)."""
+    latest: dict[str, dict[str, Any]] = {}
+    folder = out / "status"
+    if not folder.is_dir():
+        return latest
+    records = []
+    for path in sorted(folder.glob("rank-*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "id" in record and "status" in record:
+                records.append(record)
+    for record in sorted(records, key=lambda r: r.get("time", 0.0)):
+        latest[record["id"]] = record
+    return latest
+
+
+def is_done(record: dict[str, Any] | None, out: Path) -> bool:
+    """Recorded done, and every file it lists still exists."""
+    return bool(record) and record["status"] == "done" and all((out / f).exists() for f in record.get("files", []))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def index_entries(jobs: list[Job], out: Path, mode: str) -> list[dict[str, Any]]:
+    """One entry per job of the file, in file order: status done / failed / pending."""
+    latest = read_status(out)
+    entries = []
+    for job in jobs:
+        record = latest.get(job.id)
+        status = "pending" if record is None else record["status"]
+        if status == "done" and not is_done(record, out):
+            status = "pending"  # its files went missing: the next run redoes it
+        entry: dict[str, Any] = {"id": job.id, "line": job.line}
+        if len(job.lines) > 1:
+            entry["lines"] = list(job.lines)
+        entry.update({k: job.spec[k] for k in ("prompt", "source", "edits") if k in job.spec})
+        entry["seed"] = job.spec["seed"]
+        entry.update(status=status, error=(record or {}).get("error"), files=(record or {}).get("files", []) if status == "done" else [])
+        if record is not None:
+            entry.update(rank=record.get("rank"), seconds=record.get("seconds"))
+        entries.append(entry)
+    return entries
+
+
+def write_index(entries: list[dict[str, Any]], out: Path) -> Path:
+    path = out / "index.jsonl"
+    _atomic_write(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    return path
+
+
+# ---- running one job ----------------------------------------------------------------------------------------
+class JobRunner:
+    """Runs jobs of one mode on one pipeline; ``run(job, folder)`` writes into ``folder`` and returns file names."""
+
+    def __init__(self, pipe, args: argparse.Namespace, maps=None):
+        self.pipe = pipe
+        self.args = args
+        self.maps = maps  # a mapsets.ShardWriter with --save-maps
+
+    def pipe_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(num_inference_steps=self.args.steps, guidance_scale=self.args.guidance)
+        if self.args.size is not None:
+            kwargs["height"], kwargs["width"] = self.args.size
+        return kwargs
+
+    def generator(self, seed: int):
+        import torch
+
+        return torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def run(self, job: Job, folder: Path) -> tuple[list[str], str | None]:
+        """Returns (files inside ``folder``, the map shard name or None)."""
+        return getattr(self, f"run_{self.args.mode}")(job, folder)
+
+    def run_generate(self, job: Job, folder: Path):
+        from .controllers.reweight import Reweight
+        from .generation import generate
+        from .session import control
+
+        spec = job.spec
+        if "weights" in spec:
+            with control(self.pipe, Reweight(spec["weights"], mode=self.args.weight_mode)):
+                image = self.pipe(spec["prompt"], negative_prompt=spec.get("negative"), generator=self.generator(spec["seed"]),
+                                  **self.pipe_kwargs()).images[0]
+        else:
+            image = generate(self.pipe, spec["prompt"], seed=spec["seed"], mode=self.args.weight_mode,
+                             negative_prompt=spec.get("negative"), **self.pipe_kwargs())[0]
+        image.save(folder / "image.png")
+        return ["image.png"], None
+
+    def run_inspect(self, job: Job, folder: Path):
+        from .controllers.reweight import Reweight
+        from .tokens import tokenize
+        from .tracing import trace
+
+        spec = job.spec
+        words = None if self.args.words_from_prompt else spec.get("words")
+        if words:
+            tokens = tokenize(self.pipe.tokenizer, spec["prompt"])
+            for word in words:
+                tokens.find(word)  # an unknown word fails the job before the generation
+        extra = [Reweight(spec["weights"], mode=self.args.weight_mode)] if "weights" in spec else []
+        with trace(self.pipe, *extra) as tr:
+            image = self.pipe(spec["prompt"], negative_prompt=spec.get("negative"), generator=self.generator(spec["seed"]),
+                              **self.pipe_kwargs()).images[0]
+        normalize = None if self.args.normalize == "none" else self.args.normalize
+        files = ["image.png", "grid.png"]
+        image.save(folder / "image.png")
+        pictures = tr.heatmaps(0)
+        pictures.grid(image, words=words or pictures.words).save(folder / "grid.png")
+        shard = None
+        if self.maps is not None:
+            h, w = image.size[1], image.size[0]
+            scale = min(1.0, self.args.map_size / max(h, w))
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            maps = tr.heatmaps(0, size=size, normalize=normalize)
+            if words:
+                labels, tensor = list(words), _stack([maps[word].to_tensor() for word in words], size)
+            else:
+                labels, tensor = maps.words, maps.to_tensor()
+            shard = self.maps.add(job.id, labels, tensor, prompt=spec["prompt"], line=job.line)
+        return files, shard
+
+    def run_edit(self, job: Job, folder: Path):
+        from .editing import edit
+
+        spec = job.spec
+        result = edit(
+            self.pipe, spec["source"], spec["edits"], cross_steps=spec.get("cross_steps", 0.8),
+            self_steps=spec.get("self_steps", 0.4), blend=spec.get("blend"), reweight=spec.get("reweight"),
+            mode=self.args.edit_mode, seed=spec["seed"], **self.pipe_kwargs(),
+        )
+        result.source.save(folder / "source.png")
+        files = ["source.png", "grid.png"]
+        for i, image in enumerate(result.edited):
+            image.save(folder / f"edit_{i}.png")
+            files.append(f"edit_{i}.png")
+        result.grid().save(folder / "grid.png")
+        return files, None
+
+
+def _describe(error: BaseException) -> str:
+    """``KeyError: message`` on one line (a KeyError's message without the quotes ``str`` adds)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return f"{type(error).__name__}: {message}".replace("\n", " ")
+
+
+def _stack(maps: list, size: tuple[int, int]):
+    import torch
+
+    return torch.stack(maps) if maps else torch.zeros(0, *size)
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Staging folders and temporary files of a killed run (main process, before anyone starts)."""
+    for folder in (out / "jobs", out / "maps", out):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name or ".tmp-" in path.name):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _write_job(out: Path, job: Job, runner: JobRunner) -> list[str]:
+    """Run one job into a staging folder, rename it to ``jobs/<id>``; returns files relative to ``out``."""
+    from .outputs import RunFolder
+
+    target = out / "jobs" / job.id
+    with RunFolder(target, force=True) as staging:
+        names, shard = runner.run(job, staging.path)
+        staging.write_json("job.json", {"id": job.id, "line": job.line, "job": job.spec, "options": job_options(runner.args)})
+    files = [f"jobs/{job.id}/{name}" for name in [*names, "job.json"]]
+    if shard is not None:
+        files.append(f"maps/{shard}")
+    return files
+
+
+# ---- the sweep ----------------------------------------------------------------------------------------------
+def _state(args: argparse.Namespace):
+    """accelerate's process state (one process without ``accelerate launch``); CPU processes use gloo."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    return PartialState(cpu=cpu, timeout=timedelta(hours=args.barrier_hours))
+
+
+def _device(args: argparse.Namespace, state) -> Any:
+    if args.device != "auto":
+        return args.device
+    return state.device if state.num_processes > 1 else None
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Run (or resume) a sweep; returns the exit status (0 all done, 1 some failed)."""
+    from .loading import load_pipeline
+    from .mapsets import ShardWriter
+    from .outputs import run_record
+
+    if args.save_maps and args.mode != "inspect":
+        raise ValueError("--save-maps stores heat maps, which only --mode inspect records")
+    specs = read_jobs(args.file, args.mode, default_seed=args.seed)
+    jobs = make_jobs(specs, job_options(args))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pick another path")
+
+    state = _state(args)
+    rank, processes = state.process_index, state.num_processes
+    if state.is_main_process:
+        for name in ("jobs", "status") + (("maps",) if args.save_maps else ()):
+            (out / name).mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out)
+    state.wait_for_everyone()
+    latest = {} if args.redo else read_status(out)
+    pending = [job for job in jobs if not is_done(latest.get(job.id), out)]
+    mine = share(pending, rank, processes)
+    state.wait_for_everyone()  # every process has read the logs before anyone appends to them
+
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    if state.is_main_process:
+        say(f"sweep: {len(jobs)} jobs, {len(jobs) - len(pending)} already done, {len(pending)} to run on {processes} process(es)")
+    failed = 0
+    if mine:
+        pipe = load_pipeline(args.model, device=_device(args, state), dtype=None if args.dtype == "auto" else args.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        writer = ShardWriter(out / "maps", rank, jobs_per_shard=args.maps_per_shard) if args.save_maps else None
+        runner = JobRunner(pipe, args, writer)
+        log = StatusLog(out / "status" / f"rank-{rank}.jsonl")
+        try:
+            for count, job in enumerate(mine, start=1):
+                start = time.perf_counter()
+                record: dict[str, Any] = {"id": job.id, "line": job.line, "rank": rank}
+                try:
+                    files = _write_job(out, job, runner)
+                    record.update(status="done", error=None, files=files)
+                except Exception as error:  # noqa: BLE001 - a failing job is recorded and the sweep goes on
+                    failed += 1
+                    record.update(status="failed", error=_describe(error), files=[])
+                    if args.verbose_errors:
+                        traceback.print_exc()
+                record.update(seconds=round(time.perf_counter() - start, 3), time=time.time())
+                log.append(record)
+                say(f"[{rank}] {count}/{len(mine)} {record['status']} {job.id} (line {job.line})"
+                    + (f": {record['error']}" if record["error"] else ""))
+        finally:
+            log.close()
+    state.wait_for_everyone()
+
+    status = EXIT_FAILED_JOBS if failed else 0
+    if state.is_main_process:
+        entries = write_index_and_record(jobs, out, args, run_record)
+        counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "failed", "pending")}
+        say(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending; index: {out / 'index.jsonl'}")
+        status = EXIT_FAILED_JOBS if counts["failed"] or counts["pending"] else 0
+    return status
+
+
+def write_index_and_record(jobs: list[Job], out: Path, args: argparse.Namespace, run_record) -> list[dict[str, Any]]:
+    entries = index_entries(jobs, out, args.mode)
+    write_index(entries, out)
+    parameters = {k: v for k, v in vars(args).items() if k not in {"run", "quiet"}}
+    _atomic_write(out / "sweep.json", json.dumps(run_record("sweep", parameters, ["index.jsonl"]), indent=2, default=str) + "\n")
+    return entries
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def _size(text: str) -> tuple[int, int]:
+    """``WxH`` → (height, width)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (width x height), got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
+    return h, w
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_sweep_parser(sub, common=None) -> argparse.ArgumentParser:
+    """Register ``sweep`` on the CLI's subparsers (its own option set: ``--out`` may exist, that is resuming)."""
+    p = sub.add_parser(
+        "sweep",
+        help="run many prompts or edits, split across processes (accelerate launch), resumable",
+        description="Run every job of FILE (one prompt a line, or JSON lines), resumably; under `accelerate launch` "
+        "the jobs are split across the processes. Exit status: 0 all done, 1 some job failed, 2 bad input.",
+    )
+    p.add_argument("file", help="jobs: a text file (one prompt a line) or a .jsonl file (one JSON job a line)")
+    p.add_argument("--mode", choices=MODES, default="inspect", help="what each job does (default inspect)")
+    p.add_argument("--out", required=True, help="output folder; an existing sweep there is resumed")
+    p.add_argument("--save-maps", action="store_true", help="inspect: store per-word maps in safetensors shards")
+    p.add_argument("--words-from-prompt", action="store_true",
+                   help="inspect: a map for every word of each prompt, even where a job lists 'words' (default "
+                   "without 'words')")
+    p.add_argument("--map-size", type=_positive, default=64, help="longest side of stored maps (default 64, at most the image's)")
+    p.add_argument("--normalize", default="none", choices=["word", "global", "none"], help="stored maps (default none: raw)")
+    p.add_argument("--maps-per-shard", type=_positive, default=64, help="jobs per map shard (default 64)")
+    p.add_argument("--weight-mode", default="attention", choices=["attention", "softmax", "embedding"])
+    p.add_argument("--edit-mode", default="auto", choices=["auto", "replace", "refine"])
+    g = p.add_argument_group("common options")
+    g.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded toy model)")
+    g.add_argument("--steps", type=_positive, default=20, help="denoising steps (default 20)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--seed", type=int, default=0, help="seed of jobs that give none (default 0)")
+    g.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    g.add_argument("--device", default="auto", help="auto (each process's accelerator, else cpu), cuda, mps or cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--redo", action="store_true", help="run every job again, even those recorded done")
+    g.add_argument("--barrier-hours", type=float, default=24.0, help="how long processes wait for each other (default 24)")
+    g.add_argument("--verbose-errors", action="store_true", help="print the traceback of failing jobs")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=cli_sweep)
+    return p
+
+
+def cli_sweep(args: argparse.Namespace) -> list[str]:
+    """The CLI runner: bad input → CliError (exit 2); failed jobs → exit status 1."""
+    from .cli import CliError
+    from .loading import ModelUnavailableError
+
+    try:
+        status = run_sweep(args)
+    except JobFileError as error:
+        raise CliError(str(error), "fix that line (see docs/sweep.md for the job keys), then run again") from error
+    except ModelUnavailableError as error:
+        raise CliError(str(error), "no network: pass a local folder with --model") from error
+    if status:
+        raise SystemExit(status)
+    return []
