@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded toy model)")
     p.add_argument("--quick", action="store_true", help="fewer prompts")
     p.set_defaults(run=run_evaluate)
+
+    from .sweep import add_sweep_parser  # many prompts across processes (accelerate), resumable
+
+    add_sweep_parser(sub, _common)
     return parser
 
 
