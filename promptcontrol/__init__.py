@@ -18,6 +18,8 @@ from .generation import generate
 from .loading import load_pipeline  # the embedded default model, a hub id or a folder
 from .inversion import Inversion, invert  # real images: DDIM / null-text inversion
 
+from .mapsets import JobMaps, MapSet, load_maps  # map datasets written by `promptcontrol sweep --save-maps`
+
 from . import testing  # noqa: E402  (tiny offline pipelines)
 
 __version__ = "0.1.0"
