@@ -5,8 +5,8 @@ Pipeline of the measurement:
 1. ``eval_samples(n, seed)``: ``n`` captions from the world grammar (seeded, fixed across models);
 2. ``generate(pipe, samples)``: one image per caption, seed ``seed + i`` for caption ``i``;
 3. ``segment(image)``: each pixel → nearest palette colour (background included); per colour, the largest
-   4-connected component of at least ``MIN_AREA`` pixels is that colour's object (captions never repeat a
-   colour, see ``world``);
+   4-connected component is that colour's object if it has at least ``MIN_AREA`` pixels and fits some shape
+   prototype with IoU ≥ ``MIN_FIT`` (so colour noise is not an object; captions never repeat a colour);
 4. ``caption_accuracy(generations)``: for every object the caption names —
    colour: a blob of its colour exists; shape: that blob's shape (``classify_shape``: best IoU against the
    circle / square / triangle prototypes fitted to the blob's bounding box) is the named one; position (only
@@ -31,6 +31,9 @@ from . import world
 
 MIN_AREA = 10
 """Smallest component (pixels, at 32×32) counted as an object; world objects have ≥ 50."""
+MIN_FIT = 0.6
+"""Smallest IoU of a blob with its best-fitting shape prototype for it to count as an object: drawn shapes,
+even soft ones, fit ≥ 0.75; the speckled colour noise of an untrained model fits ≤ 0.5."""
 
 _PALETTE_NAMES = ("background",) + tuple(world.COLOURS)
 _PALETTE = np.array([world.BACKGROUND] + list(world.COLOURS.values()), np.float32)  # (5, 3)
@@ -113,6 +116,7 @@ class Segment:
     colour: str
     mask: np.ndarray
     shape: str
+    fit: float  # IoU with the best shape prototype
     cx: float
     cy: float
 
@@ -129,8 +133,9 @@ def palette_labels(image: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
-def segment(image: np.ndarray, min_area: int | None = None) -> dict[str, Segment]:
-    """Objects of an (H, W, 3) uint8 image by colour: {colour: Segment} for colours with a big enough blob."""
+def segment(image: np.ndarray, min_area: int | None = None, min_fit: float = MIN_FIT) -> dict[str, Segment]:
+    """Objects of an (H, W, 3) uint8 image by colour: {colour: Segment} for colours whose largest blob is big
+    enough (``min_area``) and shaped like a shape (``min_fit``)."""
     size = image.shape[0]
     min_area = MIN_AREA * (size * image.shape[1]) // (world.SIZE ** 2) if min_area is None else min_area
     labels = palette_labels(image)
@@ -139,8 +144,11 @@ def segment(image: np.ndarray, min_area: int | None = None) -> dict[str, Segment
         blob = largest_component(labels == k)
         if blob.sum() < max(1, min_area):
             continue
+        shape, fits = classify_shape(blob)
+        if fits[shape] < min_fit:
+            continue
         ys, xs = np.nonzero(blob)
-        out[name] = Segment(name, blob, classify_shape(blob)[0], float(xs.mean() + 0.5), float(ys.mean() + 0.5))
+        out[name] = Segment(name, blob, shape, fits[shape], float(xs.mean() + 0.5), float(ys.mean() + 0.5))
     return out
 
 
