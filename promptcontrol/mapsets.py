@@ -157,17 +157,21 @@ def load_maps(folder: str | os.PathLike) -> MapSet:
     if not shards:
         raise FileNotFoundError(f"no map shards (rank-<k>-<n>.safetensors) in {shards_dir}: was the sweep run with --save-maps?")
     chosen = _index_shards(shards_dir.parent if shards_dir.name == "maps" else shards_dir)
+    found: dict[str, list[tuple[str, dict]]] = {}  # job id -> [(shard name, entry)], oldest shard first
+    handles = {}
+    for shard in shards:
+        handle = safe_open(str(shard), framework="pt")
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{shard} is not a promptcontrol map shard (format {metadata.get('format')!r})")
+        handles[shard.name] = handle
+        for entry in json.loads(metadata["jobs"]):
+            found.setdefault(entry["id"], []).append((shard.name, entry))
     result = MapSet(root)
-    for shard in shards:  # oldest first, so a newer copy of a redone job replaces an older one
-        with safe_open(str(shard), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{shard} is not a promptcontrol map shard (format {metadata.get('format')!r})")
-            for entry in json.loads(metadata["jobs"]):
-                job_id = entry["id"]
-                if job_id in chosen and chosen[job_id] != shard.name:
-                    continue
-                result.jobs[job_id] = JobMaps(
-                    job_id, list(entry["words"]), handle.get_tensor(job_id), entry.get("prompt", ""), entry.get("line"), shard.name
-                )
+    for job_id, copies in found.items():
+        # the shard the index names, else the newest copy (a redone job's copies hold the same maps)
+        name, entry = next(((n, e) for n, e in copies if n == chosen.get(job_id)), copies[-1])
+        result.jobs[job_id] = JobMaps(
+            job_id, list(entry["words"]), handles[name].get_tensor(job_id), entry.get("prompt", ""), entry.get("line"), name
+        )
     return result
