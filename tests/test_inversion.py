@@ -127,7 +127,7 @@ def test_null_text_reconstructs_better_than_ddim_on_a_tiny_pipeline(inversions):
     ddim, null = inversions
     print(f"\ntiny sd15, {STEPS} steps, guidance 7.5: latent MSE ddim {ddim.latent_error():.4f} "
           f"null-text {null.latent_error():.4f}; PSNR ddim {ddim.psnr():.2f} dB null-text {null.psnr():.2f} dB")
-    assert null.latent_error() < 0.9 * ddim.latent_error()  # measured 0.78 (seeds 0-3: 0.76-0.80)
+    assert null.latent_error() < 0.75 * ddim.latent_error()  # measured 0.60 (pictures 0-3, SD 1.5 and 2.1: 0.57-0.63)
     assert not torch.allclose(null.null_embeddings[0], ddim.null_embeddings[0])  # it did optimise
 
 
@@ -399,7 +399,7 @@ def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
 
 @pytest.mark.skipif(not TOY.exists() and not TOY_FOLDER, reason="the embedded toy model (issue 6) is not committed "
                     "yet: promptcontrol/assets/toy-sd/model_index.json is missing")
-@pytest.mark.parametrize("scene_seed", [0, 3])
+@pytest.mark.parametrize("scene_seed", [1, 2, 4])
 def test_measured_on_the_embedded_model(scene_seed):
     """A rendered toy-world scene (a "real" image: drawn by the world, not by the model) with its caption:
     null-text reconstructs it better than DDIM inversion at the same steps and guidance; then one object's colour
