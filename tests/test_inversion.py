@@ -399,7 +399,7 @@ def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
 
 @pytest.mark.skipif(not TOY.exists() and not TOY_FOLDER, reason="the embedded toy model (issue 6) is not committed "
                     "yet: promptcontrol/assets/toy-sd/model_index.json is missing")
-@pytest.mark.parametrize("scene_seed", [1, 2, 4])
+@pytest.mark.parametrize("scene_seed", [1, 4])
 def test_measured_on_the_embedded_model(scene_seed):
     """A rendered toy-world scene (a "real" image: drawn by the world, not by the model) with its caption:
     null-text reconstructs it better than DDIM inversion at the same steps and guidance; then one object's colour
