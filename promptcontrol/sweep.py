@@ -293,14 +293,25 @@ def write_index(entries: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-# ---- running one job ----------------------------------------------------------------------------------------
-class JobRunner:
-    """Runs jobs of one mode on one pipeline; ``run(job, folder)`` writes into ``folder`` and returns file names."""
+# ---- running jobs ---------------------------------------------------------------------------------------------
+@dataclass
+class JobOutput:
+    """What one job made, before it is written: pictures by file name, and (inspect) labelled maps."""
 
-    def __init__(self, pipe, args: argparse.Namespace, maps=None):
+    pictures: dict[str, Any]  # file name -> PIL image
+    maps: tuple[list[str], Any] | None = None  # (labels, tensor (labels, H, W)) with --save-maps
+
+
+class JobRunner:
+    """Runs jobs of one mode on one pipeline: ``compute(jobs)`` → one :class:`JobOutput` per job.
+
+    inspect and generate run up to ``--jobs-per-call`` jobs in one pipeline call (each with its own seed's noise,
+    so a job's image is the one it gets alone, up to float rounding); edit runs one job a call (a job is a batch).
+    """
+
+    def __init__(self, pipe, args: argparse.Namespace):
         self.pipe = pipe
         self.args = args
-        self.maps = maps  # a mapsets.ShardWriter with --save-maps
 
     def pipe_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(num_inference_steps=self.args.steps, guidance_scale=self.args.guidance)
@@ -308,80 +319,100 @@ class JobRunner:
             kwargs["height"], kwargs["width"] = self.args.size
         return kwargs
 
-    def generator(self, seed: int):
+    @staticmethod
+    def generators(jobs: list[Job]):
+        """One CPU generator per job (a single one for a single job), seeded with the job's seed."""
         import torch
 
-        return torch.Generator(device="cpu").manual_seed(int(seed))
+        gens = [torch.Generator(device="cpu").manual_seed(int(job.spec["seed"])) for job in jobs]
+        return gens[0] if len(gens) == 1 else gens
 
-    def run(self, job: Job, folder: Path) -> tuple[list[str], str | None]:
-        """Returns (files inside ``folder``, the map shard name or None)."""
-        return getattr(self, f"run_{self.args.mode}")(job, folder)
+    @staticmethod
+    def negatives(jobs: list[Job]):
+        negatives = [job.spec.get("negative") or "" for job in jobs]
+        return negatives if any(negatives) else None  # a list, as the prompts are
 
-    def run_generate(self, job: Job, folder: Path):
+    def groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Consecutive jobs that can share a pipeline call (same kind of weighting), at most --jobs-per-call."""
+        size = self.args.jobs_per_call if self.args.mode in ("inspect", "generate") else 1
+        groups: list[list[Job]] = []
+        for job in jobs:
+            kind = "weights" in job.spec
+            if groups and len(groups[-1]) < size and ("weights" in groups[-1][0].spec) == kind:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        return groups
+
+    def compute(self, jobs: list[Job]) -> list[JobOutput]:
+        return getattr(self, f"compute_{self.args.mode}")(jobs)
+
+    def compute_generate(self, jobs: list[Job]) -> list[JobOutput]:
         from .controllers.reweight import Reweight
         from .generation import generate
         from .session import control
 
-        spec = job.spec
-        if "weights" in spec:
-            with control(self.pipe, Reweight(spec["weights"], mode=self.args.weight_mode)):
-                image = self.pipe(spec["prompt"], negative_prompt=spec.get("negative"), generator=self.generator(spec["seed"]),
-                                  **self.pipe_kwargs()).images[0]
+        prompts = [job.spec["prompt"] for job in jobs]
+        call = dict(negative_prompt=self.negatives(jobs), generator=self.generators(jobs), **self.pipe_kwargs())
+        if "weights" in jobs[0].spec:  # a group is all-weights or none (see groups)
+            weights = [job.spec["weights"] for job in jobs]
+            with control(self.pipe, Reweight(weights, mode=self.args.weight_mode)):
+                images = self.pipe(prompts, **call).images
         else:
-            image = generate(self.pipe, spec["prompt"], seed=spec["seed"], mode=self.args.weight_mode,
-                             negative_prompt=spec.get("negative"), **self.pipe_kwargs())[0]
-        image.save(folder / "image.png")
-        return ["image.png"], None
+            images = generate(self.pipe, prompts, mode=self.args.weight_mode, **call)
+        return [JobOutput({"image.png": image}) for image in images]
 
-    def run_inspect(self, job: Job, folder: Path):
+    def compute_inspect(self, jobs: list[Job]) -> list[JobOutput]:
         from .controllers.reweight import Reweight
         from .tokens import tokenize
         from .tracing import trace
 
-        spec = job.spec
-        words = None if self.args.words_from_prompt else spec.get("words")
-        if words:
-            tokens = tokenize(self.pipe.tokenizer, spec["prompt"])
-            for word in words:
-                tokens.find(word)  # an unknown word fails the job before the generation
-        extra = [Reweight(spec["weights"], mode=self.args.weight_mode)] if "weights" in spec else []
-        with trace(self.pipe, *extra) as tr:
-            image = self.pipe(spec["prompt"], negative_prompt=spec.get("negative"), generator=self.generator(spec["seed"]),
-                              **self.pipe_kwargs()).images[0]
-        normalize = None if self.args.normalize == "none" else self.args.normalize
-        files = ["image.png", "grid.png"]
-        image.save(folder / "image.png")
-        pictures = tr.heatmaps(0)
-        pictures.grid(image, words=words or pictures.words).save(folder / "grid.png")
-        shard = None
-        if self.maps is not None:
-            h, w = image.size[1], image.size[0]
-            scale = min(1.0, self.args.map_size / max(h, w))
-            size = (max(1, round(h * scale)), max(1, round(w * scale)))
-            maps = tr.heatmaps(0, size=size, normalize=normalize)
+        chosen = []
+        for job in jobs:
+            words = None if self.args.words_from_prompt else job.spec.get("words")
             if words:
-                labels, tensor = list(words), _stack([maps[word].to_tensor() for word in words], size)
-            else:
-                labels, tensor = maps.words, maps.to_tensor()
-            shard = self.maps.add(job.id, labels, tensor, prompt=spec["prompt"], line=job.line)
-        return files, shard
+                tokens = tokenize(self.pipe.tokenizer, job.spec["prompt"])
+                for word in words:
+                    tokens.find(word)  # an unknown word fails the job before the generation
+            chosen.append(words)
+        extra = []
+        if any("weights" in job.spec for job in jobs):
+            extra.append(Reweight([job.spec.get("weights", {}) for job in jobs], mode=self.args.weight_mode))
+        prompts = [job.spec["prompt"] for job in jobs]
+        with trace(self.pipe, *extra) as tr:
+            images = self.pipe(prompts, negative_prompt=self.negatives(jobs), generator=self.generators(jobs),
+                               **self.pipe_kwargs()).images
+        normalize = None if self.args.normalize == "none" else self.args.normalize
+        outputs = []
+        for i, (image, words) in enumerate(zip(images, chosen)):
+            pictures = tr.heatmaps(i)
+            output = JobOutput({"image.png": image, "grid.png": pictures.grid(image, words=words or pictures.words)})
+            if self.args.save_maps:
+                h, w = image.size[1], image.size[0]
+                scale = min(1.0, self.args.map_size / max(h, w))
+                size = (max(1, round(h * scale)), max(1, round(w * scale)))
+                maps = tr.heatmaps(i, size=size, normalize=normalize)
+                if words:
+                    output.maps = (list(words), _stack([maps[word].to_tensor() for word in words], size))
+                else:
+                    output.maps = (maps.words, maps.to_tensor())
+            outputs.append(output)
+        return outputs
 
-    def run_edit(self, job: Job, folder: Path):
+    def compute_edit(self, jobs: list[Job]) -> list[JobOutput]:
         from .editing import edit
 
+        (job,) = jobs
         spec = job.spec
         result = edit(
             self.pipe, spec["source"], spec["edits"], cross_steps=spec.get("cross_steps", 0.8),
             self_steps=spec.get("self_steps", 0.4), blend=spec.get("blend"), reweight=spec.get("reweight"),
             mode=self.args.edit_mode, seed=spec["seed"], **self.pipe_kwargs(),
         )
-        result.source.save(folder / "source.png")
-        files = ["source.png", "grid.png"]
-        for i, image in enumerate(result.edited):
-            image.save(folder / f"edit_{i}.png")
-            files.append(f"edit_{i}.png")
-        result.grid().save(folder / "grid.png")
-        return files, None
+        pictures = {"source.png": result.source}
+        pictures.update({f"edit_{i}.png": image for i, image in enumerate(result.edited)})
+        pictures["grid.png"] = result.grid()
+        return [JobOutput(pictures)]
 
 
 def _describe(error: BaseException) -> str:
@@ -406,18 +437,62 @@ def _clean_leftovers(out: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def _write_job(out: Path, job: Job, runner: JobRunner) -> list[str]:
-    """Run one job into a staging folder, rename it to ``jobs/<id>``; returns files relative to ``out``."""
+def write_job(out: Path, job: Job, output: JobOutput, options: dict[str, Any], maps=None) -> list[str]:
+    """Write one job's files into a staging folder renamed to ``jobs/<id>``, then its maps; returns the files
+    (relative to ``out``) for its status line. A kill before the status line leaves nothing that counts."""
     from .outputs import RunFolder
 
-    target = out / "jobs" / job.id
-    with RunFolder(target, force=True) as staging:
-        names, shard = runner.run(job, staging.path)
-        staging.write_json("job.json", {"id": job.id, "line": job.line, "job": job.spec, "options": job_options(runner.args)})
-    files = [f"jobs/{job.id}/{name}" for name in [*names, "job.json"]]
-    if shard is not None:
-        files.append(f"maps/{shard}")
+    with RunFolder(out / "jobs" / job.id, force=True) as staging:
+        for name, picture in output.pictures.items():
+            picture.save(staging.file(name))
+        staging.write_json("job.json", {"id": job.id, "line": job.line, "job": job.spec, "options": options})
+    files = [f"jobs/{job.id}/{name}" for name in [*output.pictures, "job.json"]]
+    if maps is not None and output.maps is not None:
+        labels, tensor = output.maps
+        files.append("maps/" + maps.add(job.id, labels, tensor, prompt=job.spec.get("prompt", ""), line=job.line))
     return files
+
+
+def run_jobs(out: Path, jobs: list[Job], runner: JobRunner, log: StatusLog, rank: int, maps=None, say=print) -> int:
+    """Run ``jobs`` group by group, writing and recording each job; returns how many failed.
+
+    A group whose shared call raises is run again one job at a time, so only the failing job is recorded failed.
+    """
+    options = job_options(runner.args)
+    failed = count = 0
+    for group in runner.groups(jobs):
+        start = time.perf_counter()
+        try:
+            results: list[tuple[Job, JobOutput | None, str | None]] = list(zip(group, runner.compute(group), [None] * len(group)))
+        except Exception as error:  # noqa: BLE001 - a failing job is recorded and the sweep goes on
+            if runner.args.verbose_errors:
+                traceback.print_exc()
+            if len(group) == 1:
+                results = [(group[0], None, _describe(error))]
+            else:
+                results = []
+                for job in group:
+                    try:
+                        results.append((job, runner.compute([job])[0], None))
+                    except Exception as single:  # noqa: BLE001
+                        results.append((job, None, _describe(single)))
+        seconds = (time.perf_counter() - start) / len(group)
+        for job, output, error in results:
+            count += 1
+            record: dict[str, Any] = {"id": job.id, "line": job.line, "rank": rank}
+            if output is not None:
+                try:
+                    record.update(status="done", error=None, files=write_job(out, job, output, options, maps))
+                except Exception as write_error:  # noqa: BLE001 - e.g. a full disk: record it, go on
+                    output, error = None, _describe(write_error)
+            if output is None:
+                failed += 1
+                record.update(status="failed", error=error, files=[])
+            record.update(seconds=round(seconds, 3), time=time.time())
+            log.append(record)
+            say(f"[{rank}] {count}/{len(jobs)} {record['status']} {job.id} (line {job.line})"
+                + (f": {record['error']}" if record["error"] else ""))
+    return failed
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------------
@@ -471,25 +546,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     if mine:
         pipe = load_pipeline(args.model, device=_device(args, state), dtype=None if args.dtype == "auto" else args.dtype)
         pipe.set_progress_bar_config(disable=True)
-        writer = ShardWriter(out / "maps", rank, jobs_per_shard=args.maps_per_shard) if args.save_maps else None
-        runner = JobRunner(pipe, args, writer)
+        maps = ShardWriter(out / "maps", rank, jobs_per_shard=args.maps_per_shard) if args.save_maps else None
         log = StatusLog(out / "status" / f"rank-{rank}.jsonl")
         try:
-            for count, job in enumerate(mine, start=1):
-                start = time.perf_counter()
-                record: dict[str, Any] = {"id": job.id, "line": job.line, "rank": rank}
-                try:
-                    files = _write_job(out, job, runner)
-                    record.update(status="done", error=None, files=files)
-                except Exception as error:  # noqa: BLE001 - a failing job is recorded and the sweep goes on
-                    failed += 1
-                    record.update(status="failed", error=_describe(error), files=[])
-                    if args.verbose_errors:
-                        traceback.print_exc()
-                record.update(seconds=round(time.perf_counter() - start, 3), time=time.time())
-                log.append(record)
-                say(f"[{rank}] {count}/{len(mine)} {record['status']} {job.id} (line {job.line})"
-                    + (f": {record['error']}" if record["error"] else ""))
+            failed = run_jobs(out, mine, JobRunner(pipe, args), log, rank, maps, say)
         finally:
             log.close()
     state.wait_for_everyone()
@@ -548,6 +608,8 @@ def add_sweep_parser(sub, common=None) -> argparse.ArgumentParser:
     p.add_argument("--map-size", type=_positive, default=64, help="longest side of stored maps (default 64, at most the image's)")
     p.add_argument("--normalize", default="none", choices=["word", "global", "none"], help="stored maps (default none: raw)")
     p.add_argument("--maps-per-shard", type=_positive, default=64, help="jobs per map shard (default 64)")
+    p.add_argument("--jobs-per-call", type=_positive, default=1,
+                   help="inspect/generate: jobs run together in one pipeline call (default 1; try 4-8 on a GPU)")
     p.add_argument("--weight-mode", default="attention", choices=["attention", "softmax", "embedding"])
     p.add_argument("--edit-mode", default="auto", choices=["auto", "replace", "refine"])
     g = p.add_argument_group("common options")

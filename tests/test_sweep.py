@@ -17,8 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import promptcontrol as pc
 from promptcontrol import cli, sweep
@@ -142,7 +144,7 @@ def test_bad_job_names_its_line(tmp_path, line, mode, message):
     path = _write_lines(tmp_path / "jobs.jsonl", ['{"prompt": "a cat"}' if mode != "edit" else '{"source": "a", "edits": "b"}', "", line])
     with pytest.raises(sweep.JobFileError) as caught:
         sweep.read_jobs(path, mode)
-    assert f"jobs.jsonl:3: " in str(caught.value) and message in str(caught.value)
+    assert "jobs.jsonl:3: " in str(caught.value) and message in str(caught.value)
 
 
 def test_empty_or_missing_job_file(tmp_path):
@@ -286,6 +288,33 @@ def test_generate_and_edit_jobs_write_their_images(tmp_path, model):
     (entry,) = _index(out)
     assert entry["edits"] == ["a green circle", "a blue circle"]
     assert sorted(Path(f).name for f in entry["files"]) == ["edit_0.png", "edit_1.png", "grid.png", "job.json", "source.png"]
+
+
+def test_jobs_per_call_matches_one_job_a_call_and_a_bad_job_fails_alone(tmp_path, model):
+    lines = [
+        json.dumps({"prompt": PROMPTS[0], "seed": 1}),
+        json.dumps({"prompt": PROMPTS[1], "seed": 2, "weights": {"green": 2.0}}),
+        json.dumps({"prompt": PROMPTS[2], "seed": 3, "words": ["unicorn"]}),  # fails inside its batch
+        json.dumps({"prompt": PROMPTS[3], "seed": 4, "negative": "a red circle"}),
+        json.dumps({"prompt": PROMPTS[4], "seed": 5, "words": ["triangle", "green circle"]}),
+    ]
+    jobs = _write_lines(tmp_path / "jobs.jsonl", lines)
+    common = [str(jobs), "--model", model, "--steps", "2", "--size", "32x32", "--save-maps", "--quiet"]
+    for name, per_call in (("one", "1"), ("batched", "5")):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["sweep", *common, "--out", str(tmp_path / name), "--jobs-per-call", per_call])
+        assert exited.value.code == sweep.EXIT_FAILED_JOBS
+    one, batched = _index(tmp_path / "one"), _index(tmp_path / "batched")
+    assert [e["id"] for e in one] == [e["id"] for e in batched]  # batching does not change a job's id
+    assert [e["status"] for e in batched] == ["done", "done", "failed", "done", "done"]
+    assert "unicorn" in batched[2]["error"]
+    maps_one, maps_batched = load_maps(tmp_path / "one"), load_maps(tmp_path / "batched")
+    assert maps_batched[batched[4]["id"]].words == ["triangle", "green circle"]
+    for entry in (e for e in one if e["status"] == "done"):
+        a = np.asarray(Image.open(tmp_path / "one" / "jobs" / entry["id"] / "image.png"), dtype=np.float32)
+        b = np.asarray(Image.open(tmp_path / "batched" / "jobs" / entry["id"] / "image.png"), dtype=np.float32)
+        assert np.abs(a - b).max() <= 2.0  # same noise per job: the same image up to rounding
+        torch.testing.assert_close(maps_batched[entry["id"]].maps.float(), maps_one[entry["id"]].maps.float(), atol=2e-3, rtol=1e-2)
 
 
 # ---- two processes under accelerate launch ---------------------------------------------------------------------
