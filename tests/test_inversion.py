@@ -158,6 +158,16 @@ def test_half_precision_optimisation_still_beats_ddim_and_sampling_follows_it(sd
     assert half.latent_error() < 0.9 * ddim.latent_error()
 
 
+def test_early_stop_ends_the_inner_loop(sd15):
+    """A threshold every loss is under stops after the first Adam step: the same embeddings as inner_steps=1."""
+    kwargs = dict(steps=2, reconstruct=False, progress=False)
+    stopped = pc.invert(sd15, picture(), PROMPT, inner_steps=10, early_stop=1e9, **kwargs)
+    one = pc.invert(sd15, picture(), PROMPT, inner_steps=1, **kwargs)
+    ten = pc.invert(sd15, picture(), PROMPT, inner_steps=10, **kwargs)
+    torch.testing.assert_close(stopped.null_embeddings, one.null_embeddings, atol=0, rtol=0)
+    assert not torch.equal(ten.null_embeddings, one.null_embeddings)
+
+
 def test_progress_bar(sd15, capsys):
     pc.invert(sd15, picture(), PROMPT, steps=1, inner_steps=1, reconstruct=False)
     err = capsys.readouterr().err
