@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pad-fix", action="store_true", help="feed the UNet the real padding states (ablation)")
     p.add_argument("--text-layers", type=int, default=None, help="text encoder depth (new runs only)")
     p.add_argument("--unet-channels", default=None, help="e.g. 64,128 (new runs only)")
+    p.add_argument("--until-step", type=int, default=None,
+                   help="end this chunk at this diffusion step (to replay a run whose options changed between chunks)")
     p.add_argument("--save-every", type=float, default=8.0, help="minutes between state saves")
     args = p.parse_args(argv)
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -233,7 +235,7 @@ class Trainer:
         last_save, tick, run_loss = time.time(), time.time(), []
         while self.state["step"] < a.steps:
             step = self.state["step"]
-            if self.elapsed_min() > a.minutes:
+            if self.elapsed_min() > a.minutes or (a.until_step is not None and step >= a.until_step):
                 break
             rng = np.random.default_rng([a.seed, 3, step])
             gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
