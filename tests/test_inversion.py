@@ -158,6 +158,40 @@ def test_half_precision_optimisation_still_beats_ddim_and_sampling_follows_it(sd
     assert half.latent_error() < 0.9 * ddim.latent_error()
 
 
+def test_null_text_optimisation_against_written_out_reference(sd15):
+    """The paper's loop written out: per step, Adam on the unconditional embedding (lr · 50/steps · (1 − i/2T)),
+    loss = MSE(guided DDIM step, trajectory's next latent), then the guided step with the result."""
+    steps, inner, g, lr = 2, 2, 7.5, 1e-2
+    inv = pc.invert(sd15, picture(), PROMPT, steps=steps, inner_steps=inner, early_stop=0.0, reconstruct=False,
+                    progress=False)
+    cond, uncond = sd15.encode_prompt(prompt=PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    unet = sd15.unet.requires_grad_(False)
+    try:
+        null, x, found = uncond.detach().clone(), inv.latents[-1:], []
+        for i, (t, a, a_prev) in enumerate(alphas(reference_ddim(sd15), steps)):
+            def step(eps):
+                return a_prev.sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt() + (1 - a_prev).sqrt() * eps
+
+            with torch.no_grad():
+                c = unet(x, t, encoder_hidden_states=cond).sample
+            null = null.clone().requires_grad_(True)
+            adam = torch.optim.Adam([null], lr=lr * (50 / steps) * (1 - i / (2 * steps)))
+            for _ in range(inner):
+                u = unet(x, t, encoder_hidden_states=null).sample
+                loss = ((step(u + g * (c - u)) - inv.latents[steps - i - 1]) ** 2).mean()
+                adam.zero_grad()
+                loss.backward()
+                adam.step()
+            null = null.detach()
+            found.append(null[0])
+            with torch.no_grad():
+                u = unet(x, t, encoder_hidden_states=null).sample
+                x = step(u + g * (c - u))
+    finally:
+        unet.requires_grad_(True)
+    torch.testing.assert_close(inv.null_embeddings, torch.stack(found), atol=1e-5, rtol=1e-4)
+
+
 def test_early_stop_ends_the_inner_loop(sd15):
     """A threshold every loss is under stops after the first Adam step: the same embeddings as inner_steps=1."""
     kwargs = dict(steps=2, reconstruct=False, progress=False)
