@@ -62,10 +62,6 @@ class Job:
     spec: dict[str, Any]
     lines: tuple[int, ...] = ()
 
-    @property
-    def label(self) -> str:
-        return self.spec.get("prompt") or self.spec.get("source", "")
-
 
 # ---- reading and checking jobs --------------------------------------------------------------------------------
 def _check_value(kind: str, key: str, value: Any) -> Any:
@@ -121,7 +117,7 @@ def check_job(raw: Any, mode: str, default_seed: int) -> dict[str, Any]:
         raise ValueError(f"missing {', '.join(repr(k) for k in missing)} (needed by --mode {mode})")
     spec = {key: _check_value(allowed[key], key, raw[key]) for key in allowed if key in raw}
     spec.setdefault("seed", int(default_seed))
-    if mode in ("inspect", "generate") and "weights" in spec:
+    if mode == "generate" and "weights" in spec:  # (inspect reads prompts literally: weights only in "weights")
         from .prompt_syntax import parse_prompt
 
         parsed = parse_prompt(spec["prompt"])
@@ -187,8 +183,9 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "edit":
         options["edit_mode"] = args.edit_mode
     if args.mode == "inspect":
-        options.update(save_maps=args.save_maps, words_from_prompt=args.words_from_prompt,
-                       map_size=args.map_size, normalize=args.normalize)
+        options["words_from_prompt"] = args.words_from_prompt
+        if args.save_maps:  # the map options matter only when maps are stored
+            options.update(save_maps=True, map_size=args.map_size, normalize=args.normalize)
     return options
 
 
@@ -266,7 +263,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def index_entries(jobs: list[Job], out: Path, mode: str) -> list[dict[str, Any]]:
+def index_entries(jobs: list[Job], out: Path) -> list[dict[str, Any]]:
     """One entry per job of the file, in file order: status done / failed / pending."""
     latest = read_status(out)
     entries = []
@@ -564,7 +561,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def write_index_and_record(jobs: list[Job], out: Path, args: argparse.Namespace, run_record) -> list[dict[str, Any]]:
-    entries = index_entries(jobs, out, args.mode)
+    entries = index_entries(jobs, out)
     write_index(entries, out)
     parameters = {k: v for k, v in vars(args).items() if k not in {"run", "quiet"}}
     _atomic_write(out / "sweep.json", json.dumps(run_record("sweep", parameters, ["index.jsonl"]), indent=2, default=str) + "\n")
