@@ -382,8 +382,10 @@ class JobRunner:
         normalize = None if self.args.normalize == "none" else self.args.normalize
         outputs = []
         for i, (image, words) in enumerate(zip(images, chosen)):
-            pictures = tr.heatmaps(i)
-            output = JobOutput({"image.png": image, "grid.png": pictures.grid(image, words=words or pictures.words)})
+            pictures = tr.heatmaps(i) if not self.args.no_grid else None
+            output = JobOutput({"image.png": image})
+            if not self.args.no_grid:  # a matplotlib figure: a noticeable share of a job on a fast GPU
+                output.pictures["grid.png"] = pictures.grid(image, words=words or pictures.words)
             if self.args.save_maps:
                 h, w = image.size[1], image.size[0]
                 scale = min(1.0, self.args.map_size / max(h, w))
@@ -408,7 +410,8 @@ class JobRunner:
         )
         pictures = {"source.png": result.source}
         pictures.update({f"edit_{i}.png": image for i, image in enumerate(result.edited)})
-        pictures["grid.png"] = result.grid()
+        if not self.args.no_grid:
+            pictures["grid.png"] = result.grid()
         return [JobOutput(pictures)]
 
 
@@ -605,6 +608,8 @@ def add_sweep_parser(sub, common=None) -> argparse.ArgumentParser:
     p.add_argument("--map-size", type=_positive, default=64, help="longest side of stored maps (default 64, at most the image's)")
     p.add_argument("--normalize", default="none", choices=["word", "global", "none"], help="stored maps (default none: raw)")
     p.add_argument("--maps-per-shard", type=_positive, default=64, help="jobs per map shard (default 64)")
+    p.add_argument("--no-grid", action="store_true",
+                   help="inspect/edit: skip each job's grid picture (for large map datasets; not part of the job id)")
     p.add_argument("--jobs-per-call", type=_positive, default=1,
                    help="inspect/generate: jobs run together in one pipeline call (default 1; try 4-8 on a GPU)")
     p.add_argument("--weight-mode", default="attention", choices=["attention", "softmax", "embedding"])

@@ -300,14 +300,16 @@ def test_jobs_per_call_matches_one_job_a_call_and_a_bad_job_fails_alone(tmp_path
     ]
     jobs = _write_lines(tmp_path / "jobs.jsonl", lines)
     common = [str(jobs), "--model", model, "--steps", "2", "--size", "32x32", "--save-maps", "--quiet"]
-    for name, per_call in (("one", "1"), ("batched", "5")):
+    for name, extra in (("one", ["--jobs-per-call", "1"]), ("batched", ["--jobs-per-call", "5", "--no-grid"])):
         with pytest.raises(SystemExit) as exited:
-            cli.main(["sweep", *common, "--out", str(tmp_path / name), "--jobs-per-call", per_call])
+            cli.main(["sweep", *common, "--out", str(tmp_path / name), *extra])
         assert exited.value.code == sweep.EXIT_FAILED_JOBS
     one, batched = _index(tmp_path / "one"), _index(tmp_path / "batched")
     assert [e["id"] for e in one] == [e["id"] for e in batched]  # batching does not change a job's id
     assert [e["status"] for e in batched] == ["done", "done", "failed", "done", "done"]
     assert "unicorn" in batched[2]["error"]
+    assert sorted(Path(f).name for f in batched[0]["files"]) == ["image.png", "job.json", "rank-0-000001.safetensors"]
+    assert sorted(Path(f).name for f in one[0]["files"]) == ["grid.png", "image.png", "job.json", "rank-0-000001.safetensors"]
     maps_one, maps_batched = load_maps(tmp_path / "one"), load_maps(tmp_path / "batched")
     assert maps_batched[batched[4]["id"]].words == ["triangle", "green circle"]
     for entry in (e for e in one if e["status"] == "done"):
