@@ -508,9 +508,10 @@ def _state(args: argparse.Namespace):
 
 
 def _device(args: argparse.Namespace, state) -> Any:
-    if args.device != "auto":
-        return args.device
-    return state.device if state.num_processes > 1 else None
+    """Each process's own accelerator under a launcher (``auto`` or a bare ``cuda``), else what was asked."""
+    if state.num_processes > 1 and (args.device == "auto" or args.device == state.device.type):
+        return state.device  # e.g. cuda:<local rank>
+    return None if args.device == "auto" else args.device
 
 
 def run_sweep(args: argparse.Namespace) -> int:

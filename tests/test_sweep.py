@@ -209,6 +209,18 @@ def test_status_log_survives_a_cut_last_line(tmp_path):
     assert not sweep.is_done({"status": "done", "files": ["jobs/gone/image.png"]}, tmp_path)
 
 
+def test_each_process_takes_its_own_accelerator():
+    from types import SimpleNamespace
+
+    launched = SimpleNamespace(num_processes=2, device=torch.device("cuda", 1))
+    alone = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0))
+    assert sweep._device(_args(device="auto"), launched) == torch.device("cuda", 1)
+    assert sweep._device(_args(device="cuda"), launched) == torch.device("cuda", 1)
+    assert sweep._device(_args(device="cpu"), launched) == "cpu"
+    assert sweep._device(_args(device="auto"), alone) is None  # load_pipeline picks cuda, mps or cpu
+    assert sweep._device(_args(device="cuda:0"), alone) == "cuda:0"
+
+
 # ---- map shards -------------------------------------------------------------------------------------------------
 def test_shards_roll_over_are_atomic_and_load_back(tmp_path):
     folder = tmp_path / "maps"
