@@ -7,8 +7,8 @@ rename) after every job, so a killed process loses at most the job it was runnin
 ``jobs_per_shard`` jobs, then the writer starts the next one. The shard's metadata lists, per job, its id,
 words (one label per map, in order), prompt and line in the job file.
 
-``pc.load_maps(dir)`` reads every shard back into a :class:`MapSet`: ``maps[job_id].words`` and
-``maps[job_id].maps`` (words, H, W). A job redone after a kill may sit in two shards; when the sweep's
+``pc.load_maps(dir)`` reads every shard's metadata into a :class:`MapSet`: ``maps[job_id].words`` at once, and
+``maps[job_id].maps`` (words, H, W) from its shard when first asked for (a big sweep's maps need not fit in memory). A job redone after a kill may sit in two shards; when the sweep's
 ``index.jsonl`` is there, the shard it names wins, otherwise the newest shard does (both hold the same maps).
 """
 
@@ -27,16 +27,27 @@ FORMAT = "promptcontrol.maps/1"
 _SHARD = re.compile(r"^rank-(\d+)-(\d+)\.safetensors$")
 
 
-@dataclass(frozen=True)
 class JobMaps:
-    """The maps of one job: ``maps[i]`` is the heat map of ``words[i]``."""
+    """The maps of one job: ``maps[i]`` is the heat map of ``words[i]``; read from its shard on first use."""
 
-    id: str
-    words: list[str]
-    maps: torch.Tensor  # (len(words), H, W) float16
-    prompt: str = ""
-    line: int | None = None
-    shard: str = ""
+    def __init__(self, id: str, words: list[str], shard: Path, prompt: str = "", line: int | None = None):
+        self.id, self.words, self.prompt, self.line = id, list(words), prompt, line
+        self.path = Path(shard)
+        self._maps: torch.Tensor | None = None
+
+    @property
+    def shard(self) -> str:
+        return self.path.name
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """(len(words), H, W) float16, read from the shard once (a MapSet of a big sweep holds only metadata)."""
+        if self._maps is None:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as handle:
+                self._maps = handle.get_tensor(self.id)
+        return self._maps
 
     def __getitem__(self, word: str) -> torch.Tensor:
         """The (H, W) map of ``word`` (its first occurrence among :attr:`words`)."""
@@ -44,6 +55,9 @@ class JobMaps:
             return self.maps[self.words.index(word)]
         except ValueError:
             raise KeyError(f"no map for {word!r} in job {self.id}; its words are: {', '.join(self.words)}") from None
+
+    def __repr__(self) -> str:
+        return f"JobMaps({self.id!r}, words={self.words!r}, shard={self.shard!r})"
 
 
 @dataclass
@@ -157,21 +171,17 @@ def load_maps(folder: str | os.PathLike) -> MapSet:
     if not shards:
         raise FileNotFoundError(f"no map shards (rank-<k>-<n>.safetensors) in {shards_dir}: was the sweep run with --save-maps?")
     chosen = _index_shards(shards_dir.parent if shards_dir.name == "maps" else shards_dir)
-    found: dict[str, list[tuple[str, dict]]] = {}  # job id -> [(shard name, entry)], oldest shard first
-    handles = {}
+    found: dict[str, list[tuple[Path, dict]]] = {}  # job id -> [(shard, entry)], oldest shard first
     for shard in shards:
-        handle = safe_open(str(shard), framework="pt")
-        metadata = handle.metadata() or {}
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{shard} is not a promptcontrol map shard (format {metadata.get('format')!r})")
-        handles[shard.name] = handle
         for entry in json.loads(metadata["jobs"]):
-            found.setdefault(entry["id"], []).append((shard.name, entry))
+            found.setdefault(entry["id"], []).append((shard, entry))
     result = MapSet(root)
     for job_id, copies in found.items():
         # the shard the index names, else the newest copy (a redone job's copies hold the same maps)
-        name, entry = next(((n, e) for n, e in copies if n == chosen.get(job_id)), copies[-1])
-        result.jobs[job_id] = JobMaps(
-            job_id, list(entry["words"]), handles[name].get_tensor(job_id), entry.get("prompt", ""), entry.get("line"), name
-        )
+        shard, entry = next(((p, e) for p, e in copies if p.name == chosen.get(job_id)), copies[-1])
+        result.jobs[job_id] = JobMaps(job_id, entry["words"], shard, entry.get("prompt", ""), entry.get("line"))
     return result
