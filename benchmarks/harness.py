@@ -45,32 +45,50 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(case: Case, device: str) -> tuple[float, float | None]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time; ``cpu``: this process's CPU time over all its threads — steadier on a shared machine,
+where other jobs steal wall time from every case unevenly (CPU runs only; GPU work is not CPU time)."""
+
+
+def _timed(case: Case, device: str, clock: str = "wall") -> tuple[float, float | None]:
+    now = CLOCKS[clock]
     with case.context():
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
-        start = time.perf_counter()
+        start = now()
         with torch.inference_mode():
             case.run()
         _sync(device)
-        elapsed = time.perf_counter() - start
+        elapsed = now() - start
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     return elapsed, peak
 
 
-def compare(cases: list[Case], *, repeats: int = 5, warmup: int = 1, device: str = "cpu", progress: bool = True) -> list[Result]:
-    """Time every case ``repeats`` times, round-robin, after ``warmup`` untimed rounds; ``cases[0]`` is the baseline."""
+def compare(
+    cases: list[Case],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+    clock: str = "wall",
+) -> list[Result]:
+    """Time every case ``repeats`` times, round-robin, after ``warmup`` untimed rounds; ``cases[0]`` is the baseline.
+
+    ``clock``: ``"wall"`` or ``"cpu"`` (see :data:`CLOCKS`)."""
     from tqdm.auto import tqdm
 
+    if clock not in CLOCKS or (clock == "cpu" and device != "cpu"):
+        raise ValueError(f"clock must be 'wall', or 'cpu' on the CPU; got {clock!r} on {device}")
     for _ in range(warmup):
         for case in cases:
-            _timed(case, device)
+            _timed(case, device, clock)
     times = {c.name: [] for c in cases}
     peaks = {c.name: [] for c in cases}
     for _ in tqdm(range(repeats), desc="rounds", disable=not progress):
         for case in cases:
-            t, p = _timed(case, device)
+            t, p = _timed(case, device, clock)
             times[case.name].append(t)
             if p is not None:
                 peaks[case.name].append(p)

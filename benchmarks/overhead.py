@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared CPUs)")
     parser.add_argument("--out", default="benchmarks/results/overhead")
     args = parser.parse_args(argv)
 
@@ -39,11 +40,11 @@ def main(argv: list[str] | None = None) -> str:
             Case("pc.control, no controller", step, lambda: pc.control(unet, cfg=True)),
             Case("pc.control + PassThrough (all 32 sites)", step, lambda: pc.control(unet, pc.PassThrough(), cfg=True)),
         ]
-        results = compare(cases, repeats=args.repeats, device=args.device)
-        title = f"SD 1.5 UNet, {size}×{size}, batch 2, {args.dtype}, {machine()}"
+        results = compare(cases, repeats=args.repeats, device=args.device, clock=args.clock)
+        title = f"SD 1.5 UNet, {size}×{size}, batch 2, {args.dtype}, {args.clock} clock, {machine()}"
         tables.append(markdown_table(title, results, {cases[2].name: 1.02}))
         payload[str(size)] = [r.__dict__ for r in results]
-        save(f"{args.out}-{args.device}-{args.dtype}-{size}", title, results)
+        save(f"{args.out}-{args.device}-{args.dtype}-{args.clock}-{size}", title, results)
     text = "\n\n".join(tables)
     print(text)
     return text

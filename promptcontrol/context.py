@@ -17,12 +17,14 @@ class RunInfo:
 
     prompts:            the prompt of each prompt index, or ``None`` when the pipeline got embeddings only
     prompts_2:          SDXL's second prompt of each prompt index (``None`` means same as ``prompts``)
+    negative_prompts:   the negative prompt of each prompt index, as given (``None``: empty / embeddings)
     images_per_prompt:  ``num_images_per_prompt``
     cfg:                whether the pipeline runs classifier-free guidance (batch ``[uncond | cond]``)
     """
 
     prompts: list[str] | None = None
     prompts_2: list[str] | None = None
+    negative_prompts: list[str] | None = None
     images_per_prompt: int = 1
     cfg: bool | None = None
 

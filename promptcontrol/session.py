@@ -13,6 +13,7 @@ is on) or ``scheduler.set_timesteps``; the step index then starts again at 0.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from typing import Any
@@ -35,10 +36,12 @@ class SessionError(RuntimeError):
 
 
 def _resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    """(pipeline or None, unet) from a pipeline or a bare UNet."""
+    """(pipeline or None, unet) from a pipeline or a bare UNet; a ``torch.compile``d UNet is unwrapped."""
     unet = getattr(target, "unet", None)
+    unet = getattr(unet, "_orig_mod", unet)
     if unet is not None and hasattr(unet, "attn_processors"):
         return target, unet
+    target = getattr(target, "_orig_mod", target)
     if hasattr(target, "attn_processors") and hasattr(target, "down_blocks"):
         return None, target
     raise TypeError(
@@ -207,6 +210,7 @@ class Session:
             self._pending_run = RunInfo(
                 prompts=_as_list(bound.get("prompt")),
                 prompts_2=_as_list(bound.get("prompt_2")),
+                negative_prompts=_as_list(bound.get("negative_prompt")),
                 images_per_prompt=int(bound.get("num_images_per_prompt") or 1),
                 cfg=None if cfg is None else bool(cfg),
             )
@@ -265,12 +269,7 @@ class Session:
             self._step += 1
         run = self.run
         if self._cfg_forced is not None:
-            run = RunInfo(
-                prompts=run.prompts if run else None,
-                prompts_2=run.prompts_2 if run else None,
-                images_per_prompt=run.images_per_prompt if run else 1,
-                cfg=self._cfg_forced,
-            )
+            run = dataclasses.replace(run, cfg=self._cfg_forced) if run else RunInfo(cfg=self._cfg_forced)
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         self.context = StepContext(
             index=self._step,

@@ -390,3 +390,19 @@ def test_latent_controller_runs_after_each_scheduler_step(sd15):
     assert z.calls == 3
     assert latents.abs().max() == 0
     assert "step" not in vars(sd15.scheduler)
+
+
+def test_compiled_unet_is_unwrapped(sd15):
+    compiled = torch.compile(sd15.unet, backend="eager")
+    before = snapshot(sd15)
+    with pc.control(compiled, pc.PassThrough()) as session:
+        assert session.unet is sd15.unet
+        assert all(type(p).__name__ == "ControlledAttnProcessor" for p in sd15.unet.attn_processors.values())
+    assert snapshot(sd15) == before
+
+
+def test_negative_prompt_is_captured(sd15):
+    log = StepLog()
+    with pc.control(sd15, log):
+        run(sd15, PROMPTS[:2], steps=1, negative_prompt=["blurry", "dark"])
+    assert log.steps[0].run.negative_prompts == ["blurry", "dark"]
