@@ -22,68 +22,14 @@ import argparse
 import contextlib
 import statistics
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import promptcontrol as pc
 
+from .cases import PeakTensorBytes, cpu_peak_bytes  # noqa: F401  (shared with benchmarks/run.py)
 from .harness import Case, compare, machine, markdown_table, save
 from .models import SD15_CONFIG, SDXL_CONFIG, sd15_unet, unet_inputs
-
-
-class PeakTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the mode (storages in ``exclude`` are not counted)."""
-
-    def __init__(self, exclude: set[int]):
-        super().__init__()
-        self.exclude = exclude
-        self.live: dict[int, list[int]] = {}  # data_ptr → [nbytes, tensors alive]
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if ptr == 0 or ptr in self.exclude:
-            return
-        entry = self.live.get(ptr)
-        if entry is None:
-            self.live[ptr] = [nbytes, 1]
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        else:
-            entry[1] += 1
-        weakref.finalize(t, self._release, ptr)
-
-    def _release(self, ptr: int) -> None:
-        entry = self.live.get(ptr)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[ptr]
-
-
-def cpu_peak_bytes(case: Case, unet, inputs) -> int:
-    """Peak live tensor bytes of one untimed run of ``case`` (CPU)."""
-    exclude = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    exclude |= {b.untyped_storage().data_ptr() for b in unet.buffers()}
-    exclude |= {t.untyped_storage().data_ptr() for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
-    with case.context():
-        mode = PeakTensorBytes(exclude)
-        with torch.inference_mode(), mode:
-            case.run()
-        return mode.peak
 
 
 @contextlib.contextmanager

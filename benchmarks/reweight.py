@@ -20,7 +20,6 @@ float16 --sizes 512``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -30,24 +29,9 @@ import promptcontrol as pc
 from promptcontrol.plan import IDENTITY, run_plan
 from promptcontrol.sites import attention_modules, find_sites
 
+from .cases import WEIGHTS, classic_processors  # noqa: F401  (shared with benchmarks/run.py)
 from .harness import Case, Result, compare, machine, markdown_table, save
 from .models import sd15_unet, unet_inputs
-
-WEIGHTS = {2: 2.0, 7: 0.5}  # token positions of the conditional row
-
-
-@contextlib.contextmanager
-def classic_processors(unet):
-    """diffusers' explicit-softmax ``AttnProcessor`` at every site for the block; the originals after."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    saved = dict(unet.attn_processors)
-    unet.set_attn_processor(AttnProcessor())
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(dict(saved))
-
 
 def cross_attention_inputs(unet, inputs) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(q, k, v) ``(B, heads, N, d)`` of every cross-attention call of one UNet step."""
