@@ -119,14 +119,14 @@ class Session:
         self._active = True
         modules = attention_modules(self.unet, self.sites)
         current = self.unet.attn_processors
+        for controller in self.controllers:  # bound first: applies_to may use session.sites / session.pipe
+            controller.bind(self)
         plan: dict[str, ControlledAttnProcessor] = {}
         for site in self.sites:
             acting = [c for c in self.controllers if c.applies_to(site)]
             if acting:
                 plan[site.key] = ControlledAttnProcessor(self, site, acting)
         self._check_processors({key: current[key] for key in plan})
-        for controller in self.controllers:
-            controller.bind(self)
         for key, processor in plan.items():
             self._saved_processors[key] = current[key]
             modules[key].set_processor(processor)

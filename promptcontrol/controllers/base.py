@@ -34,7 +34,8 @@ class Controller:
     """Base class of every controller; every hook is optional and does nothing by default."""
 
     def applies_to(self, site: AttentionSite) -> bool:
-        """Whether this controller acts at ``site`` at all (decided once, when the session installs)."""
+        """Whether this controller acts at ``site`` at all (decided once, when the session installs, after
+        :meth:`bind`, so ``session.sites`` may be consulted)."""
         return site.kind == "cross"
 
     def bind(self, session: "Session") -> None:
