@@ -46,14 +46,13 @@ class InjectSelf(Controller):
             raise TypeError("self_steps takes a fraction or a (start, end) pair; per-word schedules apply to cross_steps only")
         self.window = window(steps, "self_steps")
         self.levels = None if levels is None else tuple(int(v) for v in levels)
-        self._levels: tuple[int, ...] = ()
+        self._levels: tuple[int, ...] = self.levels or ()  # the default levels are set by bind()
         self._device: torch.device | str = "cpu"
         self._plan: AttentionPlan = IDENTITY
 
     def applies_to(self, site: AttentionSite) -> bool:
-        if site.kind != "self" or self.window.is_empty:
-            return False
-        return self.levels is None or site.level in self.levels
+        """Self-attention sites of the chosen levels only (the session binds first, so defaults are known)."""
+        return site.kind == "self" and not self.window.is_empty and site.level in self._levels
 
     def bind(self, session: "Session") -> None:
         self._levels = self.levels if self.levels is not None else default_self_levels(session.sites)
