@@ -239,6 +239,46 @@ def step_cases(bench: Bench) -> list[Entry]:
     ]
 
 
+def compiled_cases(bench: Bench, backend: str) -> list[Entry]:
+    """The same modes on ``torch.compile(unet, fullgraph=True, dynamic=False)``, against stock compiled alike.
+
+    The compiled module goes into ``pipe.unet`` and the session is built on the pipeline, so its step hooks run
+    outside the graph (see ``tests/test_compile.py``). Compilation happens in the untimed warm-up round; each case
+    keeps its own cached graph afterwards (no recompiles while timing)."""
+    from promptcontrol.controllers.inject import InjectSelf
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    pipe = bench.pipe
+    compiled = torch.compile(pipe.unet, fullgraph=True, dynamic=False, backend=backend)
+    one, two = bench.generate([PROMPT]), bench.generate([SOURCE, EDIT])
+
+    def on_compiled(*make):
+        @contextlib.contextmanager
+        def context():
+            raw, pipe.unet = pipe.unet, compiled
+            try:
+                if make:
+                    with pc.control(pipe, *(m() for m in make)):
+                        yield
+                else:
+                    yield
+            finally:
+                pipe.unet = raw
+
+        return context
+
+    g1, g2 = f"compiled ({backend}), 1 prompt + CFG", f"compiled ({backend}), source + edit + CFG"
+    s1, s2 = f"stock, compiled ({backend})", f"stock, compiled ({backend}), 2 prompts"
+    return [
+        Entry(Case(s1, one, on_compiled()), s1, None, g1),
+        Entry(Case("pass-through, compiled", one, on_compiled(pc.PassThrough)), s1, "pass-through", g1),
+        Entry(Case("reweight, compiled", one, on_compiled(lambda: pc.Reweight({"red": 2.0}))), s1, "reweight", g1),
+        Entry(Case(s2, two, on_compiled()), s2, None, g2),
+        Entry(Case("edit: Replace + self injection, compiled", two,
+                   on_compiled(lambda: pc.Replace(1.0), lambda: InjectSelf(1.0))), s2, "edit", g2),
+    ]
+
+
 # ---- CPU memory -----------------------------------------------------------------------------------------------
 class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of live tensor storages created inside the mode (storages in ``exclude`` are not counted)."""

@@ -8,7 +8,7 @@ store and with per-step maps; reweight; replace / refine edit; edit + local blen
 
 CPU:  ``python -m benchmarks.run --quick``   SD 1.5 UNet at 256², 1 step per call, process CPU time
 GPU:  ``python -m benchmarks.run --gpu``     SD 1.5 at 512² and SDXL at 1024², fp16, wall clock with CUDA sync,
-                                             peak CUDA memory
+                                             peak CUDA memory (``--compile inductor`` adds compiled variants)
 Writes ``benchmarks/results/run-<device>-<dtype>.md`` and ``.json`` (the machine line included).
 """
 
@@ -23,7 +23,7 @@ import torch
 
 import promptcontrol as pc
 
-from .cases import TARGETS, Entry, cpu_peak_bytes, make_bench, step_cases
+from .cases import TARGETS, Entry, compiled_cases, cpu_peak_bytes, make_bench, step_cases
 from .harness import Result, compare, machine
 
 
@@ -78,6 +78,8 @@ def table(title: str, results: list[Result], entries: list[Entry], unit: str) ->
 def run_model(model: str, size: int, args, dtype: torch.dtype) -> tuple[str, dict]:
     bench = make_bench(model, size, args.steps, args.device, dtype)
     entries = step_cases(bench)
+    if args.compile:
+        entries += compiled_cases(bench, args.compile)
     if args.only:
         keep = {e.baseline for e in entries if any(w in e.case.name for w in args.only)}
         entries = [e for e in entries if e.case.name in keep or any(w in e.case.name for w in args.only)]
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--clock", choices=["wall", "cpu"], help="default: cpu on the CPU, wall on CUDA")
     parser.add_argument("--cpu-memory", action="store_true", help="CPU: also count peak tensor bytes (1 more run each)")
+    parser.add_argument("--compile", metavar="BACKEND", help="also time torch.compile'd variants (e.g. inductor)")
     parser.add_argument("--only", nargs="+", help="keep cases whose name contains one of these (and their stock)")
     parser.add_argument("--out", default="benchmarks/results/run")
     args = parser.parse_args(argv)
