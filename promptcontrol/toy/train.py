@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tr = Trainer(args)
+    if tr.state["stage"] == "done" and tr.state["step"] < args.steps:
+        tr.state["stage"] = "diffusion"  # a larger --steps extends a finished run
+        log(f"extending the finished run from step {tr.state['step']} to {args.steps}")
     if tr.state["stage"] == "vae":
         if not tr.train_vae():
             tr.save()
