@@ -62,7 +62,9 @@ class Session:
 
     Attributes while active: ``pipe`` (or ``None``), ``unet``, ``sites`` (every attention site),
     ``controllers``, ``context`` (the current :class:`StepContext`, ``None`` between UNet calls of no run),
-    ``run`` (what the current pipeline call said about its prompts), ``tokenizer``.
+    ``run`` (what the current pipeline call said about its prompts), ``tokenizer``, ``hook_module`` (the module
+    the caller calls — a ``torch.compile`` wrapper when given one — on which per-step hooks belong, so that they
+    run outside a compiled graph).
     """
 
     def __init__(self, target: Any, controllers: tuple[Controller, ...], *, cfg: bool | None = None, tokenizer=None):
@@ -70,7 +72,7 @@ class Session:
         # The module the caller calls: a torch.compile wrapper stays outside, so the step hooks registered on it
         # run eagerly and the compiled region holds only the UNet forward (no graph break, no per-step guards).
         outer = getattr(self.pipe, "unet", None) if self.pipe is not None else getattr(target, "unet", target)
-        self._called = outer if getattr(outer, "_orig_mod", None) is self.unet else self.unet
+        self.hook_module = outer if getattr(outer, "_orig_mod", None) is self.unet else self.unet
         self.controllers = [check_controller(c) for c in controllers]
         self.sites: list[AttentionSite] = find_sites(self.unet)
         if not any(site.is_cross for site in self.sites):
@@ -130,8 +132,8 @@ class Session:
         for key, processor in plan.items():
             self._saved_processors[key] = current[key]
             modules[key].set_processor(processor)
-        self._hooks.append(self._called.register_forward_pre_hook(self._before_unet, with_kwargs=True))
-        self._hooks.append(self._called.register_forward_hook(self._after_unet))
+        self._hooks.append(self.hook_module.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+        self._hooks.append(self.hook_module.register_forward_hook(self._after_unet))
         if self.pipe is not None:
             if callable(getattr(self.pipe, "encode_prompt", None)):
                 self._wrap(self.pipe, "encode_prompt", self._wrapped_encode_prompt)
