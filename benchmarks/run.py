@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -107,6 +108,36 @@ def run_model(model: str, size: int, args, dtype: torch.dtype) -> tuple[str, dic
     return text, payload
 
 
+def plot(json_path: str, png_path: str) -> None:
+    """Ratios to stock with their min–max and the targets, one bar per case, from a results JSON (small PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    rows = [r for t in data["tables"] for r in t["results"] if r["name"] != r["baseline"]]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.0), dpi=80)
+    y = range(len(rows))[::-1]
+    ratios = [r["ratio"] for r in rows]
+    errors = [[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]]
+    colors = ["tab:gray" if r["target"] is None else ("tab:green" if r["ratio"] <= r["target"] else "tab:red")
+              for r in rows]
+    ax.barh(list(y), [x - 1 for x in ratios], left=1, xerr=errors, color=colors, capsize=2, height=0.6)
+    for yi, r in zip(y, rows):
+        if r["target"] is not None:
+            ax.plot([r["target"]] * 2, [yi - 0.35, yi + 0.35], color="black", lw=1.5)
+    ax.axvline(1, color="black", lw=0.8)
+    ax.set_yticks(list(y), [r["name"].split(" (")[0] for r in rows], fontsize=8)
+    ax.set_xlabel("time ratio to stock on the same rows (median, min–max); | = target", fontsize=8)
+    title = data["tables"][0]["title"].split(" — ")[0] + f", {data['machine']}"
+    ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU: SD 1.5 at 256², 1 step per call, 3 rounds")
@@ -125,7 +156,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--compile", metavar="BACKEND", help="also time torch.compile'd variants (e.g. inductor)")
     parser.add_argument("--only", nargs="+", help="keep cases whose name contains one of these (and their stock)")
     parser.add_argument("--out", default="benchmarks/results/run")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only draw a results JSON as a PNG")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot(*args.plot)
+        return args.plot[1]
 
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
