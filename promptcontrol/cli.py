@@ -22,8 +22,8 @@ class CliError(Exception):
         self.reason, self.hint = reason, hint
 
 
-def _size(text: str) -> tuple[int, int]:
-    """``WxH`` → (height, width)."""
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` → (height, width); an argparse type shared by every job's ``--size``."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -57,7 +57,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
-    g.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    g.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="image size (default: the model's)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cli import parse_size
+
 MODES = ("inspect", "generate", "edit")
 JOB_KEYS: dict[str, dict[str, str]] = {  # key -> kind of value
     "inspect": {"prompt": "str", "seed": "int", "weights": "weights", "words": "words", "negative": "str"},
@@ -573,17 +575,6 @@ def write_index_and_record(jobs: list[Job], out: Path, args: argparse.Namespace,
 
 
 # ---- command line -------------------------------------------------------------------------------------------
-def _size(text: str) -> tuple[int, int]:
-    """``WxH`` → (height, width)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x512 (width x height), got {text!r}") from None
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
-    return h, w
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -620,7 +611,7 @@ def add_sweep_parser(sub, common=None) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive, default=20, help="denoising steps (default 20)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--seed", type=int, default=0, help="seed of jobs that give none (default 0)")
-    g.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: the model's)")
+    g.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="image size (default: the model's)")
     g.add_argument("--device", default="auto", help="auto (each process's accelerator, else cpu), cuda, mps or cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--redo", action="store_true", help="run every job again, even those recorded done")
