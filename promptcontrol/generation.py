@@ -86,7 +86,7 @@ class PromptSchedule(Controller):
         if self.pooled is not None and self._hook is None and self._session is not None:
             # Registered from inside the session's pre-hook, so it runs after it (from the next UNet call on) and
             # sees the step context; step 0 never swaps (the pipeline encodes the first step's prompt itself).
-            self._hook = self._session.unet.register_forward_pre_hook(self._swap_pooled, with_kwargs=True)
+            self._hook = self._session.hook_module.register_forward_pre_hook(self._swap_pooled, with_kwargs=True)
         if ctx.total is not None and ctx.total != self.total:
             raise ValueError(
                 f"the prompt schedule was built for {self.total} steps but the pipeline runs {ctx.total}; pass "
