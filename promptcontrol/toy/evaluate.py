@@ -233,6 +233,161 @@ def caption_accuracy(gens: list[Generation]) -> CaptionAccuracy:
                            all_ok / len(gens), extra / len(gens), len(gens), n_obj, n_pos)
 
 
+# --------------------------------------------------------------------------- heat maps, edits, weights
+
+HEAT_THRESHOLD = 0.4
+"""A word's region: its min-max normalised map ≥ τ (as DAAM)."""
+
+
+def _best_sites(site) -> bool:
+    """The sites whose maps best match the objects on the embedded model: the outermost down and up blocks."""
+    return (site.place, site.block) in {("down", 0), ("up", 0)}
+
+
+def _occurrence(words: list[str], index: int) -> int:
+    """1-based occurrence of ``words[index]`` among the equal words of the caption."""
+    return words[:index + 1].count(words[index])
+
+
+@dataclass
+class HeatmapTruth:
+    """Heat-map truth: mIoU of noun / adjective regions with the drawn object; own-object preference."""
+
+    noun_miou: float
+    adjective_miou: float
+    own_object: float  # share of words of two-object captions whose map is higher on their own object
+    n_objects: int
+    n_words_two_objects: int
+
+
+@torch.no_grad()
+def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
+                  guidance_scale: float = 7.5, threshold: float = HEAT_THRESHOLD, sites=_best_sites) -> HeatmapTruth:
+    """Generate each caption under ``pc.trace`` and compare each object's noun / adjective map with the object
+    drawn (its segment; a missing segment counts as IoU 0 and a failed preference)."""
+    from ..tracing import trace
+
+    gens, maps = [], []
+    with trace(pipe) as tr:
+        gens = generate(pipe, samples, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    for k in range(len(gens)):
+        maps.append(tr.heatmaps(k, sites=sites))
+    nouns, adjs, own = [], [], []
+    for g, hm in zip(gens, maps):
+        words = g.sample.caption.words
+        objs = g.sample.caption.objects
+        segs = [g.segment_of(i) for i in range(len(objs))]
+        for i, ow in enumerate(objs):
+            for idx, out in ((ow.noun, nouns), (ow.adjective, adjs)):
+                m = hm.word(words[idx], occurrence=_occurrence(words, idx)).numpy()
+                out.append(0.0 if segs[i] is None else iou(m >= threshold, segs[i].mask))
+                if len(objs) == 2:
+                    other = segs[1 - i]
+                    own.append(segs[i] is not None and other is not None
+                               and bool(m[segs[i].mask].mean() > m[other.mask].mean()))
+    return HeatmapTruth(float(np.mean(nouns)), float(np.mean(adjs)), float(np.mean(own)) if own else float("nan"),
+                        len(nouns), len(own))
+
+
+@dataclass
+class EditTruth:
+    """Colour swap: IoU of the swapped object's segment with the source's, with and without pc.edit's control."""
+
+    controlled: float  # mean IoU (0 where either segment is missing)
+    plain: float
+    recoloured_controlled: float  # share of swaps whose edited image shows the new colour's object
+    recoloured_plain: float
+    layout_controlled: float  # IoU of the whole foreground (non-background pixels), source vs edit
+    layout_plain: float
+    n_swaps: int
+
+
+def swap_prompts(samples: list[world.Sample]) -> list[tuple[str, str, str, str]]:
+    """(source caption, edited caption, source colour, new colour): object 0's colour → a colour not in it."""
+    out = []
+    for s in samples:
+        words = s.caption.words
+        ow = s.caption.objects[0]
+        used = {o.colour for o in s.scene.objects}
+        new = next(c for c in world.COLOURS if c not in used)
+        edited = list(words)
+        edited[ow.adjective] = new
+        out.append((s.caption.text, " ".join(edited), s.scene.objects[0].colour, new))
+    return out
+
+
+@torch.no_grad()
+def edit_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20, cross_steps: float = 0.8,
+               self_steps: float = 0.4) -> EditTruth:
+    """For each swap: ``pc.edit`` with the given steps vs the plain prompt change (both 0) from the same seed."""
+    from ..editing import edit
+
+    scores = {k: [] for k in ("controlled", "plain", "rc", "rp", "lc", "lp")}
+    for j, (src, dst, c0, c1) in enumerate(swap_prompts(samples)):
+        for name, cs, ss in (("controlled", cross_steps, self_steps), ("plain", 0.0, 0.0)):
+            res = edit(pipe, src, dst, cross_steps=cs, self_steps=ss, seed=seed + j, num_inference_steps=steps,
+                       output_type="np")
+            ims = [(np.clip(np.asarray(im), 0, 1) * 255).round().astype(np.uint8) for im in res.images]
+            a, b = segment(ims[0]).get(c0), segment(ims[1]).get(c1)
+            scores[name].append(0.0 if a is None or b is None else iou(a.mask, b.mask))
+            scores["r" + name[0]].append(b is not None)
+            scores["l" + name[0]].append(iou(palette_labels(ims[0]) > 0, palette_labels(ims[1]) > 0))
+    m = {k: float(np.mean(v)) for k, v in scores.items()}
+    return EditTruth(m["controlled"], m["plain"], m["rc"], m["rp"], m["lc"], m["lp"], len(scores["plain"]))
+
+
+MONO_TOL = 0.02
+MONO_RISE = 0.05
+
+
+@dataclass
+class WeightTruth:
+    """Colour weighting: share of the object's pixels in the weighted colour, per weight (mean over prompts)."""
+
+    weights: tuple[float, ...]
+    shares: tuple[float, ...]  # mean share at each weight
+    monotonic: float  # share of prompts whose shares rise (non-decreasing, last > first)
+    n_prompts: int
+
+
+def colour_share(image: np.ndarray, colour: str) -> float:
+    """Share of the non-background pixels whose nearest palette colour is ``colour`` (0 when none)."""
+    labels = palette_labels(image)
+    fg = labels > 0
+    return float((labels[fg] == _PALETTE_NAMES.index(colour)).mean()) if fg.any() else 0.0
+
+
+def weight_prompts(samples: list[world.Sample]) -> list[tuple[str, str]]:
+    """(caption template with object 0's colour word as ``(colour:{w})``, that colour) per sample. Whole
+    captions, not "a (red:w) circle": alone, an object is already ~98 % its colour at weight 1 (nothing to raise)."""
+    out = []
+    for s in samples:
+        words = list(s.caption.words)
+        colour = s.scene.objects[0].colour
+        words[s.caption.objects[0].adjective] = f"({colour}:{{w}})"
+        out.append((" ".join(words), colour))
+    return out
+
+
+@torch.no_grad()
+def weight_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
+                 weights: tuple[float, ...] = (0.5, 1.0, 2.0), guidance_scale: float = 7.5) -> WeightTruth:
+    from ..generation import generate as pc_generate
+
+    rows = []
+    for j, (template, colour) in enumerate(weight_prompts(samples)):
+        row = []
+        for w in weights:
+            im = pc_generate(pipe, template.format(w=w), seed=seed + j, num_inference_steps=steps,
+                             guidance_scale=guidance_scale, output_type="np")[0]
+            row.append(colour_share((np.clip(im, 0, 1) * 255).round().astype(np.uint8), colour))
+        rows.append(row)
+    arr = np.array(rows)
+    # rising: no step down by more than MONO_TOL (pixel noise) and the last weight ≥ the first + MONO_RISE
+    mono = [bool(np.all(np.diff(r) >= -MONO_TOL) and r[-1] >= r[0] + MONO_RISE) for r in arr]
+    return WeightTruth(tuple(weights), tuple(float(x) for x in arr.mean(0)), float(np.mean(mono)), len(rows))
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -242,17 +397,36 @@ class TruthReport:
 
     caption: CaptionAccuracy
     settings: dict = field(default_factory=dict)
+    heatmaps: HeatmapTruth | None = None
+    edits: EditTruth | None = None
+    weights: WeightTruth | None = None
 
     def rows(self) -> list[tuple[str, float, str, str]]:
         """(metric, value, target, counted over) for every measured number."""
         c = self.caption
-        return [
+        out = [
             ("colour accuracy", c.colour, ">= 0.95", f"{c.n_objects} objects"),
             ("shape accuracy", c.shape, ">= 0.90", f"{c.n_objects} objects"),
             ("position accuracy", c.position, ">= 0.80", f"{c.n_positions} named positions"),
             ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
             ("images with an extra colour", c.extra, "-", f"{c.n_images} images"),
         ]
+        if self.heatmaps is not None:
+            h = self.heatmaps
+            out += [("noun map mIoU", h.noun_miou, ">= 0.50", f"{h.n_objects} objects"),
+                    ("adjective map mIoU", h.adjective_miou, "-", f"{h.n_objects} objects"),
+                    ("map prefers own object", h.own_object, ">= 0.90", f"{h.n_words_two_objects} words")]
+        if self.edits is not None:
+            e = self.edits
+            out += [("swap IoU, pc.edit 0.8/0.4", e.controlled, ">= 0.80", f"{e.n_swaps} swaps"),
+                    ("swap IoU, plain prompt change", e.plain, "-", f"{e.n_swaps} swaps"),
+                    ("swap recoloured, pc.edit", e.recoloured_controlled, "-", f"{e.n_swaps} swaps")]
+        if self.weights is not None:
+            w = self.weights
+            out += [(f"colour share at weight {k:g}", v, "rising", f"{w.n_prompts} prompts")
+                    for k, v in zip(w.weights, w.shares)]
+            out.append(("weights rise monotonically", w.monotonic, "-", f"{w.n_prompts} prompts"))
+        return out
 
     def table(self) -> str:
         rows = self.rows()
