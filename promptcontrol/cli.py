@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .sweep import add_sweep_parser  # many prompts across processes (accelerate), resumable
 
-    add_sweep_parser(sub, _common)
+    add_sweep_parser(sub)
     return parser
 
 

@@ -81,7 +81,6 @@ class Session:
                 "UNet (Stable Diffusion 1.x / 2.x / SDXL)"
             )
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.pipe, "tokenizer", None)
-        self.cfg_default = bool(cfg)
         self._cfg_forced = cfg
         self.context: StepContext | None = None
         self.run: RunInfo | None = None
@@ -282,7 +281,7 @@ class Session:
             timestep=t,
             total=self._total,
             latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])),
-            layout=batch_layout(int(sample.shape[0]), run, self.cfg_default),
+            layout=batch_layout(int(sample.shape[0]), run),
             run=run,
             run_id=self._run_id,
         )

@@ -582,7 +582,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_sweep_parser(sub, common=None) -> argparse.ArgumentParser:
+def add_sweep_parser(sub) -> argparse.ArgumentParser:
     """Register ``sweep`` on the CLI's subparsers (its own option set: ``--out`` may exist, that is resuming)."""
     p = sub.add_parser(
         "sweep",

@@ -246,7 +246,6 @@ class AttentionStore(Controller):
         self.scale_factor = 8  # pixels per latent cell; the pipeline's vae_scale_factor when there is one
         self._run_id = 0
         self._run_key: object = None
-        self._last_index = -1
         self._current: RunRecord | None = None
         self._recording = False
         self._rows: tuple[int, ...] = ()
@@ -304,10 +303,10 @@ class AttentionStore(Controller):
     # ---- step bookkeeping --------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
         key = (ctx.run_id, ctx.latent_hw, ctx.layout)
-        if ctx.index == 0 or ctx.index <= self._last_index or key != self._run_key:
+        if key != self._run_key:  # run_id changes exactly when a pipeline run (or reset_steps) starts
             self._run_id += 1
             self._current = None  # a new pipeline run: its images are appended when it first records
-        self._run_key, self._last_index = key, ctx.index
+        self._run_key = key
         layout = ctx.layout
         # conditional rows ordered by output image
         self._rows = tuple(r for _, r in sorted((layout.image_of_row[r], r) for r in layout.cond_rows))
@@ -518,4 +517,4 @@ class AttentionStore(Controller):
         """Forget every recording (the store can be used again)."""
         self.runs, self.images = [], []
         self._current = None
-        self._run_key, self._last_index = None, -1
+        self._run_key = None
