@@ -102,10 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(run=run_edit)
 
-    p = sub.add_parser("evaluate", help="measure the model: caption accuracy and heat-map truth (embedded model)")
-    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded toy model)")
-    p.add_argument("--quick", action="store_true", help="fewer prompts")
-    p.set_defaults(run=run_evaluate)
+    p = sub.add_parser("evaluate", help="measure a model against the toy world's ground truth (embedded model)")
+    p.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded toy model)")
+    p.add_argument("--random", action="store_true", help="a random-weight model of the embedded shape (the baseline)")
+    p.add_argument("--only", nargs="+", default=None, metavar="PART",
+                   help="measure only these: captions, maps, edits, weights (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller prompt sets (16 captions, 8 maps, 4 swaps, 4 weights)")
+    p.add_argument("-n", "--captions", type=int, default=None, help="captions for caption accuracy (default 48)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the caption and map prompt set (default 1234)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+    p.add_argument("--out", default=None, help="also write report.json and report.md into this folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=run_evaluate, dtype="auto")
 
     from .sweep import add_sweep_parser  # many prompts across processes (accelerate), resumable
 
@@ -239,11 +250,46 @@ def run_edit(args) -> list[str]:
 
 
 def run_evaluate(args) -> list[str]:
+    from dataclasses import asdict, replace
+
+    from .outputs import RunFolder, run_record
     from .toy import evaluate
 
-    argv = ([] if args.model is None else ["--model", args.model]) + (["--quick"] if args.quick else [])
-    evaluate.main(argv)
-    return []
+    parts = tuple(args.only) if args.only else evaluate.PARTS
+    unknown = [p for p in parts if p not in evaluate.PARTS]
+    if unknown:
+        raise CliError(f"unknown measurement {unknown[0]!r}", f"--only takes {', '.join(evaluate.PARTS)}")
+    if args.random and args.model:
+        raise CliError("--random and --model both given", "pick one model")
+    sets = evaluate.QUICK if args.quick else evaluate.PromptSets()
+    sets = replace(sets, seed=args.seed, **({} if args.captions is None else {"captions": args.captions}))
+    if args.out is not None:
+        RunFolder(args.out, force=args.force)  # refuse a non-empty --out before measuring
+    if args.random:
+        from .toy.model import build_pipeline
+
+        pipe = build_pipeline().to(args.device)
+    else:
+        pipe = _load(args)
+
+    def progress(part: str) -> None:
+        if not args.quiet:
+            print(f"measuring {part} ...", file=sys.stderr, flush=True)
+
+    report = evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
+                               progress=progress)
+    table = report.table()
+    print(table)
+    if args.out is None:
+        return []
+    with RunFolder(args.out, force=args.force) as run:
+        run.file("report.md").write_text(table + "\n")
+        payload = {"rows": [dict(zip(("metric", "value", "target", "over"), r)) for r in report.rows()],
+                   "measurements": {k: v for k, v in asdict(report).items() if k != "settings" and v is not None},
+                   "settings": report.settings, "model": "random" if args.random else (args.model or "embedded")}
+        run.write_json("report.json", payload)
+        run.write_json("run.json", run_record("evaluate", _parameters(args), ["report.md", "report.json", "run.json"]))
+    return [f"{args.out}/{f}" for f in ("report.md", "report.json", "run.json")]
 
 
 def _slug(text: str) -> str:

@@ -113,3 +113,31 @@ def test_missing_model_folder_and_unreachable_hub(tmp_path):
     result = cli("generate", "a red circle", "--model", "someone/not-a-cached-model", "--out", tmp_path / "o", "--steps", "1")
     assert result.returncode == 2
     assert "no network: pass a local folder" in result.stderr
+
+
+# ---- evaluate -------------------------------------------------------------------------------------------------
+def test_evaluate_prints_the_truth_table_and_writes_the_report(tmp_path):
+    out = tmp_path / "evaluate"
+    result = cli("evaluate", "--random", "--quick", "--only", "captions", "maps", "--steps", "2", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    for metric in ("colour accuracy", "position accuracy", "noun map mIoU", "map prefers own object"):
+        assert metric in result.stdout
+    assert "swap IoU" not in result.stdout  # --only leaves the edit rows out
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "random" and report["settings"]["captions"] == 16
+    rows = {r["metric"]: r for r in report["rows"]}
+    assert 0.0 <= rows["colour accuracy"]["value"] <= 1.0
+    assert (out / "report.md").read_text() == result.stdout  # the file is the table that was printed
+    assert json.loads((out / "run.json").read_text())["command"] == "evaluate"
+
+
+def test_evaluate_rejects_an_unknown_measurement_before_loading(tmp_path):
+    result = cli("evaluate", "--only", "colours", "--quiet")
+    assert result.returncode == 2
+    assert "unknown measurement 'colours'" in result.stderr and "captions, maps, edits, weights" in result.stderr
+
+
+def test_python_m_toy_evaluate_is_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "promptcontrol.toy.evaluate", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--only" in result.stdout and "--random" in result.stdout

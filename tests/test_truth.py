@@ -13,12 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from promptcontrol.loading import EMBEDDED, load_pipeline
-from promptcontrol.toy.evaluate import (caption_accuracy, edit_truth, eval_samples, generate, heatmap_truth,
-                                        weight_truth)
+from promptcontrol.toy.evaluate import PromptSets, evaluate
 from promptcontrol.toy.model import build_pipeline
 
-N_PROMPTS = 48
-SEED = 1234
+SETS = PromptSets()  # 48 captions (seed 1234), 16 map captions, 8 swaps (seed 99), 8 weighted captions (seed 77)
 STEPS = 20
 GUIDANCE = 7.5  # the pipeline's default: the model must work as a user calls it
 
@@ -34,8 +32,7 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED / "model_index.json").is_file(),
 
 
 def _accuracy(pipe):
-    return caption_accuracy(generate(pipe, eval_samples(N_PROMPTS, SEED), seed=SEED, steps=STEPS,
-                                     guidance_scale=GUIDANCE))
+    return evaluate(pipe, sets=SETS, parts=("captions",), steps=STEPS, guidance_scale=GUIDANCE).caption
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def random_model():
 
 
 def test_prompt_set_is_a_few_dozen_with_named_positions(shipped):
-    assert shipped.n_images == N_PROMPTS and shipped.n_objects > N_PROMPTS and shipped.n_positions >= 30
+    assert shipped.n_images == SETS.captions and shipped.n_objects > SETS.captions and shipped.n_positions >= 30
 
 
 @pytest.mark.parametrize("metric", sorted(BARS))
@@ -63,9 +60,7 @@ def test_random_model_of_the_same_shape_fails_the_bars(random_model, metric):
 
 
 # --------------------------------------------------------------------------- heat maps, edits, weights
-# Smaller prompt sets (CPU time); each sample set is seeded and the same for both models.
-N_MAPS, N_SWAPS, N_WEIGHTS = 16, 8, 8
-SEED_SWAPS, SEED_WEIGHTS = 99, 77
+# Smaller prompt sets (CPU time, see PromptSets); each is seeded and the same for both models.
 
 # Measured (shipped / random): noun mIoU 0.35 / 0.005, adjective mIoU 0.33 / 0.004 (16 captions, 27 objects;
 # sites down_blocks.0 + up_blocks.0, τ = 0.4); own-object preference 0.93 / 0.00 (44 words of two-object
@@ -84,12 +79,8 @@ MONO_BAR = 0.25
 
 
 def _truths(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return {"maps": heatmap_truth(pipe, eval_samples(N_MAPS, SEED), seed=SEED, steps=STEPS,
-                                  guidance_scale=GUIDANCE),
-            "edits": edit_truth(pipe, eval_samples(N_SWAPS, SEED_SWAPS), seed=SEED_SWAPS, steps=STEPS),
-            "weights": weight_truth(pipe, eval_samples(N_WEIGHTS, SEED_WEIGHTS), seed=SEED_WEIGHTS, steps=STEPS,
-                                    guidance_scale=GUIDANCE)}
+    report = evaluate(pipe, sets=SETS, parts=("maps", "edits", "weights"), steps=STEPS, guidance_scale=GUIDANCE)
+    return {"maps": report.heatmaps, "edits": report.edits, "weights": report.weights}
 
 
 @pytest.fixture(scope="module")

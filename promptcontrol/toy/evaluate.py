@@ -19,10 +19,9 @@ fields to ``TruthReport``, which prints every measured row in ``table()``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -395,7 +394,7 @@ def weight_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int
 class TruthReport:
     """Every measured number; heat-map / edit / weight metrics are added as further optional fields."""
 
-    caption: CaptionAccuracy
+    caption: CaptionAccuracy | None = None
     settings: dict = field(default_factory=dict)
     heatmaps: HeatmapTruth | None = None
     edits: EditTruth | None = None
@@ -403,14 +402,16 @@ class TruthReport:
 
     def rows(self) -> list[tuple[str, float, str, str]]:
         """(metric, value, target, counted over) for every measured number."""
-        c = self.caption
-        out = [
-            ("colour accuracy", c.colour, ">= 0.95", f"{c.n_objects} objects"),
-            ("shape accuracy", c.shape, ">= 0.90", f"{c.n_objects} objects"),
-            ("position accuracy", c.position, ">= 0.80", f"{c.n_positions} named positions"),
-            ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
-            ("images with an extra colour", c.extra, "-", f"{c.n_images} images"),
-        ]
+        out = []
+        if self.caption is not None:
+            c = self.caption
+            out += [
+                ("colour accuracy", c.colour, ">= 0.95", f"{c.n_objects} objects"),
+                ("shape accuracy", c.shape, ">= 0.90", f"{c.n_objects} objects"),
+                ("position accuracy", c.position, ">= 0.80", f"{c.n_positions} named positions"),
+                ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
+                ("images with an extra colour", c.extra, "-", f"{c.n_images} images"),
+            ]
         if self.heatmaps is not None:
             h = self.heatmaps
             out += [("noun map mIoU", h.noun_miou, ">= 0.50", f"{h.n_objects} objects"),
@@ -419,8 +420,9 @@ class TruthReport:
         if self.edits is not None:
             e = self.edits
             out += [("swap IoU, pc.edit 0.8/0.4", e.controlled, ">= 0.80", f"{e.n_swaps} swaps"),
-                    ("swap IoU, plain prompt change", e.plain, "-", f"{e.n_swaps} swaps"),
-                    ("swap recoloured, pc.edit", e.recoloured_controlled, "-", f"{e.n_swaps} swaps")]
+                    ("swap IoU, plain prompt change", e.plain, "< pc.edit", f"{e.n_swaps} swaps"),
+                    ("swap recoloured, pc.edit", e.recoloured_controlled, "-", f"{e.n_swaps} swaps"),
+                    ("swap recoloured, plain change", e.recoloured_plain, "-", f"{e.n_swaps} swaps")]
         if self.weights is not None:
             w = self.weights
             out += [(f"colour share at weight {k:g}", v, "rising", f"{w.n_prompts} prompts")
@@ -430,39 +432,69 @@ class TruthReport:
 
     def table(self) -> str:
         rows = self.rows()
-        lines = [f"{'metric':<30} {'value':>6}  {'target':<8} over"]
-        lines += [f"{m:<30} {v:>6.3f}  {t:<8} {n}" for m, v, t, n in rows]
+        lines = [f"{'metric':<30} {'value':>6}  {'target':<9} over"]
+        lines += [f"{m:<30} {v:>6.3f}  {t:<9} {n}" for m, v, t, n in rows]
         if self.settings:
             lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
         return "\n".join(lines)
 
 
-def evaluate(pipe, *, n: int = 48, seed: int = 1234, steps: int = 20, guidance_scale: float = 7.5) -> TruthReport:
-    """Caption accuracy of ``pipe`` on ``n`` seeded captions."""
-    gens = generate(pipe, eval_samples(n, seed), seed=seed, steps=steps, guidance_scale=guidance_scale)
-    return TruthReport(caption_accuracy(gens),
-                       {"n": n, "seed": seed, "steps": steps, "guidance_scale": guidance_scale})
+@dataclass(frozen=True)
+class PromptSets:
+    """The seeded prompt sets of each measurement: the same for every model, so numbers compare."""
+
+    captions: int = 48  # caption accuracy
+    maps: int = 16  # heat maps (same seed as the captions: the first ``maps`` of them)
+    swaps: int = 8  # colour swaps with pc.edit
+    weights: int = 8  # colour weights 0.5 / 1 / 2
+    seed: int = 1234
+    swap_seed: int = 99
+    weight_seed: int = 77
+
+
+QUICK = PromptSets(captions=16, maps=8, swaps=4, weights=4)
+PARTS = ("captions", "maps", "edits", "weights")
+
+
+def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = PARTS, steps: int = 20,
+             guidance_scale: float = 7.5, progress=None) -> TruthReport:
+    """Measure ``pipe`` on the world's ground truth; ``parts`` picks the measurements (see ``PARTS``).
+
+    ``progress(part)`` is called before each part (e.g. to print it). The edit and weight parts use guidance 7.5
+    through ``pc.edit`` / ``pc.generate`` defaults and the given steps.
+    """
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown measurement(s) {unknown or parts!r}: choose from {', '.join(PARTS)}")
+    pipe.set_progress_bar_config(disable=True)
+    settings = {"steps": steps, "guidance_scale": guidance_scale, **asdict(sets)}
+    report = TruthReport(settings=settings)
+    for part in PARTS:
+        if part not in parts:
+            continue
+        if progress is not None:
+            progress(part)
+        if part == "captions":
+            gens = generate(pipe, eval_samples(sets.captions, sets.seed), seed=sets.seed, steps=steps,
+                            guidance_scale=guidance_scale)
+            report.caption = caption_accuracy(gens)
+        elif part == "maps":
+            report.heatmaps = heatmap_truth(pipe, eval_samples(sets.maps, sets.seed), seed=sets.seed, steps=steps,
+                                            guidance_scale=guidance_scale)
+        elif part == "edits":
+            report.edits = edit_truth(pipe, eval_samples(sets.swaps, sets.swap_seed), seed=sets.swap_seed,
+                                      steps=steps)
+        else:
+            report.weights = weight_truth(pipe, eval_samples(sets.weights, sets.weight_seed), seed=sets.weight_seed,
+                                          steps=steps, guidance_scale=guidance_scale)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m promptcontrol.toy.evaluate",
-                                description="Caption accuracy of a model on captions from the toy world.")
-    p.add_argument("model", nargs="?", default=None, help="pipeline folder (default: the embedded model)")
-    p.add_argument("--random", action="store_true", help="a random-weight model of the embedded shape instead")
-    p.add_argument("-n", type=int, default=48)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    a = p.parse_args(argv)
-    if a.random:
-        from .model import build_pipeline
-        pipe = build_pipeline()
-    else:
-        from ..loading import load_pipeline
-        pipe = load_pipeline(a.model)
-    report = evaluate(pipe, n=a.n, seed=a.seed, steps=a.steps, guidance_scale=a.guidance)
-    print(report.table())
-    return 0
+    """``python -m promptcontrol.toy.evaluate [options]`` is ``promptcontrol evaluate [options]``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

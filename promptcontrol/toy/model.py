@@ -3,7 +3,8 @@
 - ``AutoencoderKL``: 32×32 RGB ↔ 8×8×4 latent (3 levels, ×4), ~1 M parameters;
 - ``UNet2DConditionModel``: on the 8×8 latent, cross-attention at 8² and 4² (down, mid, up), ~3 M parameters;
 - ``CLIPTextModel``: 64 wide, ``TEXT_LAYERS`` causal layers, the real CLIP tokenizer (the package's copy);
-- ``DDIMScheduler`` with Stable Diffusion 1.x's noise schedule.
+- ``DDIMScheduler`` with Stable Diffusion 1.x's betas, rescaled to zero terminal SNR, v-prediction, trailing
+  timesteps (as Stable Diffusion 2.x's v-models and Lin et al. 2023 advise; see ``build_scheduler``).
 
 All sizes live in ``ToyConfig``; ``build_pipeline(ToyConfig())`` gives a random-weight pipeline of the
 shipped shape (what the tests compare the trained model against).
@@ -38,6 +39,8 @@ class ToyConfig:
     text_heads: int = 2
     norm_groups: int = 16
     vae_scaling_factor: float = 1.0  # set after VAE training so that latents have unit std
+    prediction_type: str = "v_prediction"  # or "epsilon" (the first runs)
+    zero_terminal_snr: bool = True  # rescaled betas: the last training step is pure noise, as at inference
 
     @property
     def latent_size(self) -> int:
@@ -52,6 +55,8 @@ class ToyConfig:
         for k in ("vae_channels", "unet_channels", "unet_heads"):
             if k in d:
                 d[k] = tuple(d[k])
+        if "prediction_type" not in d:  # runs from before these fields: SD 1.x's ε-prediction schedule
+            d.update(prediction_type="epsilon", zero_terminal_snr=False)
         return cls(**d)
 
 
@@ -96,20 +101,30 @@ def build_text_encoder(cfg: ToyConfig, tokenizer: CLIPTokenizer) -> CLIPTextMode
     return CLIPTextModel(config)
 
 
-def build_scheduler() -> DDIMScheduler:
-    """DDIM with the SD 1.x training schedule (scaled-linear betas 0.00085 → 0.012, 1000 steps, ε-prediction)."""
+def build_scheduler(cfg: ToyConfig | None = None) -> DDIMScheduler:
+    """DDIM over SD 1.x's betas (scaled-linear 0.00085 → 0.012, 1000 steps).
+
+    With ``cfg.zero_terminal_snr`` (the shipped model) the betas are rescaled so that the last training step is
+    pure noise, sampling starts at that step ("trailing" spacing), and the model predicts v. SD 1.x's own schedule
+    keeps ~7 % of the image in x_T; a model trained on it learns to read the layout from that residue, which pure
+    noise at inference does not have — the first embedded model ignored its position words entirely for this reason
+    (the same seed drew the same place for "on the left" and "on the right").
+    """
+    cfg = cfg or ToyConfig()
+    zero = cfg.zero_terminal_snr
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=zero, timestep_spacing="trailing" if zero else "leading",
     )
 
 
 def assemble(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-             tokenizer: CLIPTokenizer, scheduler: DDIMScheduler | None = None) -> StableDiffusionPipeline:
+             tokenizer: CLIPTokenizer, scheduler: DDIMScheduler) -> StableDiffusionPipeline:
     """An ordinary ``StableDiffusionPipeline`` over the parts (no safety checker, no feature extractor)."""
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler or build_scheduler(), safety_checker=None, feature_extractor=None,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -121,7 +136,7 @@ def build_pipeline(cfg: ToyConfig | None = None, seed: int = 0) -> StableDiffusi
     cfg = cfg or ToyConfig()
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    return assemble(build_vae(cfg), build_unet(cfg), build_text_encoder(cfg, tok), tok)
+    return assemble(build_vae(cfg), build_unet(cfg), build_text_encoder(cfg, tok), tok, build_scheduler(cfg))
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -4,8 +4,10 @@ Two stages, one state file (``<ckpt-dir>/state.pt``), resumable at any chunk bou
 
 1. ``vae``: the autoencoder on rendered scenes (MSE + a tiny KL), then the latent scaling factor
    (1 / std of latents) and a cache of latents for a fixed set of training scenes;
-2. ``diffusion``: UNet and text encoder jointly from scratch (ε-prediction, min-SNR-5 weights, AdamW,
-   warm-up then cosine decay, EMA of the weights, 10 % empty captions for classifier-free guidance).
+2. ``diffusion``: UNet and text encoder jointly from scratch (v-prediction on a zero-terminal-SNR schedule —
+   see ``model.build_scheduler`` for why —, loss weights capped at high SNR, AdamW, warm-up then cosine decay,
+   EMA of the weights, 10 % empty captions for classifier-free guidance). ``--init-from`` starts the stage from
+   another run's weights and latent cache instead (e.g. to move an ε-prediction run to the v schedule).
 
 Text-encoder padding: the stock pipeline always pads the prompt to 77 tokens with the end token, and a
 causal text encoder lets those padding positions summarise the whole caption, so the UNet learns to read
@@ -64,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pad-fix", action="store_true", help="feed the UNet the real padding states (ablation)")
     p.add_argument("--text-layers", type=int, default=None, help="text encoder depth (new runs only)")
     p.add_argument("--unet-channels", default=None, help="e.g. 64,128 (new runs only)")
+    p.add_argument("--prediction", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (new runs only; default v_prediction)")
+    p.add_argument("--sd1-schedule", action="store_true",
+                   help="SD 1.x's schedule without the zero-terminal-SNR rescale (new runs only; an ablation)")
+    p.add_argument("--init-from", default=None, metavar="CKPT_DIR",
+                   help="new runs only: take the VAE, the latent cache and the (EMA) UNet/text weights of that run "
+                        "and start the diffusion stage from them at step 0")
     p.add_argument("--until-step", type=int, default=None,
                    help="end this chunk at this diffusion step (to replay a run whose options changed between chunks)")
     p.add_argument("--save-every", type=float, default=8.0, help="minutes between state saves")
@@ -90,15 +99,42 @@ class Trainer:
         self.tok = build_tokenizer()
         state_path = self.ckpt / "state.pt"
         self.state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+        init = None
+        if self.state is None and args.init_from:
+            init = torch.load(Path(args.init_from) / "state.pt", map_location="cpu", weights_only=False)
+            if init["stage"] == "vae":
+                raise SystemExit(f"--init-from {args.init_from}: that run has not finished its VAE stage")
         if self.state is None:
-            cfg = ToyConfig()
+            cfg = ToyConfig.from_dict(init["config"]) if init else ToyConfig()
+            cfg.prediction_type, cfg.zero_terminal_snr = ToyConfig.prediction_type, ToyConfig.zero_terminal_snr
+            if args.prediction:
+                cfg.prediction_type = args.prediction
+            if args.sd1_schedule:
+                cfg.zero_terminal_snr = False
+            if cfg.zero_terminal_snr and cfg.prediction_type == "epsilon":
+                raise SystemExit("a zero-terminal-SNR schedule needs --prediction v_prediction (ε is undefined at "
+                                 "pure noise); add --sd1-schedule for an ε run")
             if args.text_layers is not None:
                 cfg.text_layers = args.text_layers
             if args.unet_channels:
                 cfg.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
                 cfg.unet_heads = tuple(max(1, c // 32) for c in cfg.unet_channels)
             self.state = {"config": cfg.to_dict(), "stage": "vae", "vae_step": 0, "step": 0, "seed": args.seed}
-            log(f"new run in {self.ckpt}: {cfg}")
+            if init:
+                self.state.update(stage="diffusion", vae_step=init["vae_step"], vae=init["vae"],
+                                  init_from=str(args.init_from), init_step=init["step"])
+                if "ema" in init:  # the exported (EMA) weights, in parameter order: UNet's, then the text encoder's
+                    unet, te = build_unet(cfg), build_text_encoder(cfg, self.tok)
+                    names = [f"unet.{k}" for k, _ in unet.named_parameters()] + [f"te.{k}" for k, _ in te.named_parameters()]
+                    ema = dict(zip(names, init["ema"]))
+                    self.state["unet"] = {k: ema.get(f"unet.{k}", v) for k, v in init["unet"].items()}
+                    self.state["te"] = {k: ema.get(f"te.{k}", v) for k, v in init["te"].items()}
+                else:
+                    self.state["unet"], self.state["te"] = init["unet"], init["te"]
+                shutil.copyfile(Path(args.init_from) / "latents.pt", self.ckpt / "latents.pt")
+                log(f"new run in {self.ckpt} from {args.init_from} (its step {init['step']}): {cfg}")
+            else:
+                log(f"new run in {self.ckpt}: {cfg}")
         else:
             log(f"resuming {self.ckpt}: stage {self.state['stage']}, vae step {self.state['vae_step']}, "
                 f"step {self.state['step']}")
@@ -113,7 +149,7 @@ class Trainer:
         for name in ("vae", "unet", "te"):
             if name in self.state:
                 getattr(self, name).load_state_dict(self.state[name])
-        self.scheduler = build_scheduler()
+        self.scheduler = build_scheduler(self.cfg)
         self.t0 = time.time()
 
     def elapsed_min(self) -> float:
@@ -247,14 +283,18 @@ class Trainer:
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (a.batch,), generator=gen)
             z0, noise, t = z0.to(self.dev), noise.to(self.dev), t.to(self.dev)
             zt = self.scheduler.add_noise(z0, noise, t)
+            target = noise if self.cfg.prediction_type == "epsilon" else self.scheduler.get_velocity(z0, noise, t)
             lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
             for g in opt.param_groups:
                 g["lr"] = lr
             cond, pad_loss = self.encode_text(ids, self.te)
-            eps = self.unet(zt, t, cond).sample
+            pred = self.unet(zt, t, cond).sample
             snr = alphas[t] / (1 - alphas[t])
-            w = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for ε-prediction
-            diff = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+            if self.cfg.prediction_type == "epsilon":
+                w = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for ε-prediction
+            else:  # v-loss = (SNR + 1) × x0-loss: cap that factor at 6, so noisy steps (the layout) keep weight 1
+                w = torch.clamp(snr + 1, max=6.0) / (snr + 1)
+            diff = ((pred - target) ** 2).mean(dim=(1, 2, 3))
             loss_d = (w * diff).mean()
             loss = loss_d + a.pad_loss * pad_loss
             opt.zero_grad(set_to_none=True)
@@ -292,7 +332,7 @@ class Trainer:
                 p.copy_(e)
         vae = copy.deepcopy(self.vae)
         parts = [m.to("cpu", torch.float16) for m in (vae, unet, te)]  # plain fp16 weights, no variant
-        pipe = assemble(*parts, self.tok)
+        pipe = assemble(*parts, self.tok, build_scheduler(self.cfg))
         write_pipeline(pipe, self.out)
         log(f"wrote pipeline to {self.out} (step {self.state['step']})")
 
