@@ -62,3 +62,8 @@ def test_init_from_starts_the_diffusion_stage_from_the_other_runs_ema_weights(ru
 def test_epsilon_on_the_zero_snr_schedule_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="needs --prediction v_prediction"):
         train.main(["--ckpt-dir", str(tmp_path), "--prediction", "epsilon", "--steps", "1", *TINY])
+
+
+def test_the_state_keeps_every_chunks_options(run_dir):
+    chunks = torch.load(run_dir / "state.pt", weights_only=False)["chunks"]
+    assert chunks[0]["argv"][:4] == ["--ckpt-dir", str(run_dir), "--steps", "2"] and chunks[0]["step"] == 0

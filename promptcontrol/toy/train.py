@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, argv: list[str] | None = None):
         self.args = args
         self.dev = torch.device(args.device)
         self.ckpt = Path(args.ckpt_dir)
@@ -141,6 +141,11 @@ class Trainer:
             if self.state["seed"] != args.seed:
                 raise SystemExit(f"{state_path} was made with --seed {self.state['seed']}, not {args.seed}: "
                                  "use the same seed or another --ckpt-dir")
+        # every chunk's options, so that the weights can be retraced from the state alone
+        self.state.setdefault("chunks", []).append({"argv": list(sys.argv[1:]) if argv is None else list(argv),
+                                                    "vae_step": self.state["vae_step"], "step": self.state["step"],
+                                                    "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        log(f"options: {' '.join(self.state['chunks'][-1]['argv'])}")
         self.cfg = ToyConfig.from_dict(self.state["config"])
         torch.manual_seed(args.seed)
         self.vae = build_vae(self.cfg).to(self.dev)
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tr = Trainer(args)
+    tr = Trainer(args, argv)
     if tr.state["stage"] == "done" and tr.state["step"] < args.steps:
         tr.state["stage"] = "diffusion"  # a larger --steps extends a finished run
         log(f"extending the finished run from step {tr.state['step']} to {args.steps}")
