@@ -347,6 +347,12 @@ class WeightTruth:
     shares: tuple[float, ...]  # mean share at each weight
     monotonic: float  # share of prompts whose shares rise (non-decreasing, last > first)
     n_prompts: int
+    mode: str = "attention"  # pc.generate's reweighting mode
+
+    @property
+    def rise(self) -> float:
+        """Mean share at the highest weight minus at the lowest."""
+        return self.shares[-1] - self.shares[0]
 
 
 def colour_share(image: np.ndarray, colour: str) -> float:
@@ -370,21 +376,22 @@ def weight_prompts(samples: list[world.Sample]) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def weight_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
-                 weights: tuple[float, ...] = (0.5, 1.0, 2.0), guidance_scale: float = 7.5) -> WeightTruth:
+                 weights: tuple[float, ...] = (0.5, 1.0, 2.0), guidance_scale: float = 7.5,
+                 mode: str = "attention") -> WeightTruth:
     from ..generation import generate as pc_generate
 
     rows = []
     for j, (template, colour) in enumerate(weight_prompts(samples)):
         row = []
         for w in weights:
-            im = pc_generate(pipe, template.format(w=w), seed=seed + j, num_inference_steps=steps,
+            im = pc_generate(pipe, template.format(w=w), seed=seed + j, mode=mode, num_inference_steps=steps,
                              guidance_scale=guidance_scale, output_type="np")[0]
             row.append(colour_share((np.clip(im, 0, 1) * 255).round().astype(np.uint8), colour))
         rows.append(row)
     arr = np.array(rows)
     # rising: no step down by more than MONO_TOL (pixel noise) and the last weight ≥ the first + MONO_RISE
     mono = [bool(np.all(np.diff(r) >= -MONO_TOL) and r[-1] >= r[0] + MONO_RISE) for r in arr]
-    return WeightTruth(tuple(weights), tuple(float(x) for x in arr.mean(0)), float(np.mean(mono)), len(rows))
+    return WeightTruth(tuple(weights), tuple(float(x) for x in arr.mean(0)), float(np.mean(mono)), len(rows), mode)
 
 
 # --------------------------------------------------------------------------- the report
@@ -398,7 +405,7 @@ class TruthReport:
     settings: dict = field(default_factory=dict)
     heatmaps: HeatmapTruth | None = None
     edits: EditTruth | None = None
-    weights: WeightTruth | None = None
+    weights: list[WeightTruth] | None = None  # one per mode of WEIGHT_MODES
 
     def rows(self) -> list[tuple[str, float, str, str]]:
         """(metric, value, target, counted over) for every measured number."""
@@ -423,11 +430,10 @@ class TruthReport:
                     ("swap IoU, plain prompt change", e.plain, "< pc.edit", f"{e.n_swaps} swaps"),
                     ("swap recoloured, pc.edit", e.recoloured_controlled, "-", f"{e.n_swaps} swaps"),
                     ("swap recoloured, plain change", e.recoloured_plain, "-", f"{e.n_swaps} swaps")]
-        if self.weights is not None:
-            w = self.weights
-            out += [(f"colour share at weight {k:g}", v, "rising", f"{w.n_prompts} prompts")
+        for w in self.weights or []:
+            out += [(f"colour share, {w.mode} w {k:g}", v, "rising", f"{w.n_prompts} prompts")
                     for k, v in zip(w.weights, w.shares)]
-            out.append(("weights rise monotonically", w.monotonic, "-", f"{w.n_prompts} prompts"))
+            out.append((f"rising monotonically, {w.mode}", w.monotonic, "-", f"{w.n_prompts} prompts"))
         return out
 
     def table(self) -> str:
@@ -452,6 +458,8 @@ class PromptSets:
     weight_seed: int = 77
 
 
+WEIGHT_MODES = ("attention", "embedding")
+"""pc.generate's default (the P2P equalizer) and A1111's embedding scaling: both measured, as they differ here."""
 QUICK = PromptSets(captions=16, maps=8, swaps=4, weights=4)
 PARTS = ("captions", "maps", "edits", "weights")
 
@@ -485,8 +493,9 @@ def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = 
             report.edits = edit_truth(pipe, eval_samples(sets.swaps, sets.swap_seed), seed=sets.swap_seed,
                                       steps=steps)
         else:
-            report.weights = weight_truth(pipe, eval_samples(sets.weights, sets.weight_seed), seed=sets.weight_seed,
-                                          steps=steps, guidance_scale=guidance_scale)
+            report.weights = [weight_truth(pipe, eval_samples(sets.weights, sets.weight_seed), seed=sets.weight_seed,
+                                           steps=steps, guidance_scale=guidance_scale, mode=mode)
+                              for mode in WEIGHT_MODES]
     return report
 
 
