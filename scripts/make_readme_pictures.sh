@@ -7,7 +7,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 $PC inspect "a red circle on the left and a blue square on the right" --out "$tmp/inspect" --quiet
 for w in 0.5 1.0 2.0; do  # one run each: the same seed gives the same starting noise
-    $PC generate "a (red:$w) circle" --out "$tmp/weighted/$w" --quiet
+    $PC generate "a red circle and a (blue:$w) square" --mode embedding --out "$tmp/weighted/$w" --quiet
 done
 $PC edit "a red circle on the left and a blue square on the right" \
     "a green circle on the left and a blue square on the right" \
@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 folder, target = Path(sys.argv[1]), sys.argv[2]
 weights = ["0.5", "1.0", "2.0"]
-labels = [f"(red:{w}) circle" for w in weights]
+labels = [f"(blue:{w}) square" for w in weights]
 images = [Image.open(folder / w / "image.png").convert("RGB").resize((128, 128), Image.NEAREST) for w in weights]
 canvas = Image.new("RGB", (3 * 136, 152), "white")
 draw = ImageDraw.Draw(canvas)
