@@ -256,9 +256,10 @@ def run_evaluate(args) -> list[str]:
     from .toy import evaluate
 
     parts = tuple(args.only) if args.only else evaluate.PARTS
-    unknown = [p for p in parts if p not in evaluate.PARTS]
-    if unknown:
-        raise CliError(f"unknown measurement {unknown[0]!r}", f"--only takes {', '.join(evaluate.PARTS)}")
+    try:
+        evaluate.check_parts(parts)  # before loading the model
+    except ValueError as error:
+        raise CliError(str(error), "--only takes measurement names") from None
     if args.random and args.model:
         raise CliError("--random and --model both given", "pick one model")
     sets = evaluate.QUICK if args.quick else evaluate.PromptSets()

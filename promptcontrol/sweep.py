@@ -80,17 +80,12 @@ def _check_value(kind: str, key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f'"{key}" must be a number in [0, 1], got {value!r}')
         return float(value)
-    if kind == "words":
+    if kind in ("words", "edits"):  # one text or a non-empty list of texts
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
-            raise ValueError(f'"{key}" must be a word or a non-empty list of words, got {value!r}')
-        return value
-    if kind == "edits":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
-            raise ValueError(f'"{key}" must be a prompt or a non-empty list of prompts, got {value!r}')
+            what = "a word or a non-empty list of words" if kind == "words" else "a prompt or a non-empty list of prompts"
+            raise ValueError(f'"{key}" must be {what}, got {value!r}')
         return value
     if kind == "weights":
         if not isinstance(value, dict) or not value:

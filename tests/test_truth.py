@@ -36,13 +36,23 @@ def _accuracy(pipe):
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    return _accuracy(load_pipeline(device="cpu"))
+def shipped_pipe():
+    return load_pipeline(device="cpu")
 
 
 @pytest.fixture(scope="module")
-def random_model():
-    return _accuracy(build_pipeline(seed=0))
+def random_pipe():
+    return build_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def shipped(shipped_pipe):
+    return _accuracy(shipped_pipe)
+
+
+@pytest.fixture(scope="module")
+def random_model(random_pipe):
+    return _accuracy(random_pipe)
 
 
 def test_prompt_set_is_a_few_dozen_with_named_positions(shipped):
@@ -75,9 +85,9 @@ def _sides(pipe, seeds=range(8)):
     return float(np.mean(hits))
 
 
-def test_position_words_move_the_object_from_the_same_noise():
+def test_position_words_move_the_object_from_the_same_noise(shipped_pipe, random_pipe):
     """The first embedded model drew "on the left" and "on the right" in the same place from the same seed."""
-    shipped, random_model = _sides(load_pipeline(device="cpu")), _sides(build_pipeline(seed=0))
+    shipped, random_model = _sides(shipped_pipe), _sides(random_pipe)
     assert shipped >= 0.9 > 0.25 > random_model, (shipped, random_model)
 
 
@@ -108,13 +118,13 @@ def _truths(pipe):
 
 
 @pytest.fixture(scope="module")
-def shipped_truths():
-    return _truths(load_pipeline(device="cpu"))
+def shipped_truths(shipped_pipe):
+    return _truths(shipped_pipe)
 
 
 @pytest.fixture(scope="module")
-def random_truths():
-    return _truths(build_pipeline(seed=0))
+def random_truths(random_pipe):
+    return _truths(random_pipe)
 
 
 @pytest.mark.parametrize("metric", sorted(MAP_BARS))

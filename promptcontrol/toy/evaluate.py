@@ -464,6 +464,15 @@ QUICK = PromptSets(captions=16, maps=8, swaps=4, weights=4)
 PARTS = ("captions", "maps", "edits", "weights")
 
 
+def check_parts(parts: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the first unknown measurement and listing ``PARTS``."""
+    if not parts:
+        raise ValueError(f"no measurement chosen: choose from {', '.join(PARTS)}")
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"unknown measurement {part!r}: choose from {', '.join(PARTS)}")
+
+
 def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = PARTS, steps: int = 20,
              guidance_scale: float = 7.5, progress=None) -> TruthReport:
     """Measure ``pipe`` on the world's ground truth; ``parts`` picks the measurements (see ``PARTS``).
@@ -471,9 +480,7 @@ def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = 
     ``progress(part)`` is called before each part (e.g. to print it). The edit and weight parts use guidance 7.5
     through ``pc.edit`` / ``pc.generate`` defaults and the given steps.
     """
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"unknown measurement(s) {unknown or parts!r}: choose from {', '.join(PARTS)}")
+    check_parts(parts)
     pipe.set_progress_bar_config(disable=True)
     settings = {"steps": steps, "guidance_scale": guidance_scale, **asdict(sets)}
     report = TruthReport(settings=settings)

@@ -121,16 +121,8 @@ class Trainer:
                 cfg.unet_heads = tuple(max(1, c // 32) for c in cfg.unet_channels)
             self.state = {"config": cfg.to_dict(), "stage": "vae", "vae_step": 0, "step": 0, "seed": args.seed}
             if init:
-                self.state.update(stage="diffusion", vae_step=init["vae_step"], vae=init["vae"],
-                                  init_from=str(args.init_from), init_step=init["step"])
-                if "ema" in init:  # the exported (EMA) weights, in parameter order: UNet's, then the text encoder's
-                    unet, te = build_unet(cfg), build_text_encoder(cfg, self.tok)
-                    names = [f"unet.{k}" for k, _ in unet.named_parameters()] + [f"te.{k}" for k, _ in te.named_parameters()]
-                    ema = dict(zip(names, init["ema"]))
-                    self.state["unet"] = {k: ema.get(f"unet.{k}", v) for k, v in init["unet"].items()}
-                    self.state["te"] = {k: ema.get(f"te.{k}", v) for k, v in init["te"].items()}
-                else:
-                    self.state["unet"], self.state["te"] = init["unet"], init["te"]
+                self.state.update(stage="diffusion", vae_step=init["vae_step"], vae=init["vae"], unet=init["unet"],
+                                  te=init["te"], init_from=str(args.init_from), init_step=init["step"])
                 shutil.copyfile(Path(args.init_from) / "latents.pt", self.ckpt / "latents.pt")
                 log(f"new run in {self.ckpt} from {args.init_from} (its step {init['step']}): {cfg}")
             else:
@@ -154,6 +146,8 @@ class Trainer:
         for name in ("vae", "unet", "te"):
             if name in self.state:
                 getattr(self, name).load_state_dict(self.state[name])
+        if init is not None and "ema" in init:  # start from the other run's exported (EMA) weights
+            load_ema([self.unet, self.te], init["ema"])
         self.scheduler = build_scheduler(self.cfg)
         self.t0 = time.time()
 
@@ -324,22 +318,31 @@ class Trainer:
         if done:
             self.state["stage"] = "done"
         self.save()
-        self.export(ema, params)
+        self.export(ema)
         return done
 
     # ----------------------------------------------------------------------- export
 
-    def export(self, ema: list[torch.Tensor], params: list[torch.Tensor]) -> None:
+    def export(self, ema: list[torch.Tensor]) -> None:
         """Write the pipeline (EMA weights, fp16 safetensors, the package's tokenizer) atomically to ``out``."""
         unet, te = copy.deepcopy(self.unet), copy.deepcopy(self.te)
-        with torch.no_grad():
-            for p, e in zip(list(unet.parameters()) + list(te.parameters()), ema):
-                p.copy_(e)
+        load_ema([unet, te], ema)
         vae = copy.deepcopy(self.vae)
         parts = [m.to("cpu", torch.float16) for m in (vae, unet, te)]  # plain fp16 weights, no variant
         pipe = assemble(*parts, self.tok, build_scheduler(self.cfg))
         write_pipeline(pipe, self.out)
         log(f"wrote pipeline to {self.out} (step {self.state['step']})")
+
+
+def load_ema(modules: list[torch.nn.Module], ema: list[torch.Tensor]) -> None:
+    """Copy EMA tensors into the modules' parameters, in order (the EMA list follows ``parameters()`` of
+    the UNet, then of the text encoder)."""
+    params = [p for m in modules for p in m.parameters()]
+    if len(params) != len(ema):
+        raise ValueError(f"{len(ema)} EMA tensors for {len(params)} parameters: the runs' shapes differ")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
 
 
 def write_pipeline(pipe, out: Path, tokenizer_src: Path = TOKENIZER) -> None:
