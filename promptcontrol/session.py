@@ -1,9 +1,14 @@
 """``pc.control``: install controlled processors for the length of a ``with`` block, and restore everything after.
 
-Install is all-or-nothing: the original processors are snapshotted first, and any failure while installing
-puts them back before the error propagates. On exit — normal or by exception — processors, forward hooks
-and the wrapped pipeline methods are restored and the controllers are unbound, so the UNet keeps no
-reference to the session.
+Install is all-or-nothing: every change (the session marker on the UNet, each controller's binding, each
+processor, each forward hook, each wrapped pipeline method) pushes its undo step before it is made, and any
+failure while installing runs them all before the error propagates. On exit — normal or by exception — every
+undo step runs, last change first, so the UNet keeps no reference to the session. Each undo step runs even when
+an earlier one raised: the first error then propagates (the error of the ``with`` body, if there was one) and
+the later ones are added to it as notes.
+
+A controller object serves one active session at a time: a session refuses a controller that another active
+session holds (two pipelines, nested ``with``) instead of rebinding it under the outer session's feet.
 
 Step tracking: a forward pre-hook on the UNet builds a :class:`~promptcontrol.context.StepContext` at every
 UNet call (one per denoising step, never counted per attention layer). A new pipeline run is noticed when the
@@ -14,14 +19,15 @@ is on) or ``scheduler.set_timesteps``; the step index then starts again at 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .context import RunInfo, StepContext, batch_layout
-from .controllers.base import Controller, check_controller
+from .controllers.base import Controller, bound_session, check_controller, claim, release
 from .processor import ControlledAttnProcessor
 from .sites import AttentionSite, attention_modules, find_sites
 
@@ -73,7 +79,7 @@ class Session:
         # run eagerly and the compiled region holds only the UNet forward (no graph break, no per-step guards).
         outer = getattr(self.pipe, "unet", None) if self.pipe is not None else getattr(target, "unet", target)
         self.hook_module = outer if getattr(outer, "_orig_mod", None) is self.unet else self.unet
-        self.controllers = [check_controller(c) for c in controllers]
+        self.controllers = _distinct([check_controller(c) for c in controllers])
         self.sites: list[AttentionSite] = find_sites(self.unet)
         if not any(site.is_cross for site in self.sites):
             raise ValueError(
@@ -89,9 +95,7 @@ class Session:
         self._step = -1
         self._run_id = 0
         self._total: int | None = None
-        self._saved_processors: dict[str, Any] = {}
-        self._hooks: list[Any] = []
-        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, previous instance value or _MISSING)
+        self._undo: list[tuple[str, Callable[[], None]]] = []  # (what it restores, how), in install order
         self._active = False
         self._entered = False
 
@@ -104,23 +108,62 @@ class Session:
                 "a promptcontrol session is already active on this UNet; pass all controllers to one "
                 "pc.control(pipe, *controllers) instead of nesting sessions"
             )
+        self._refuse_bound_controllers()
         self._entered = True
         try:
             self._install()
-        except BaseException:
-            self._restore()
+        except BaseException as error:
+            _note_restore_failure(error, self._restore())
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._restore()
+        failure = self._restore()
+        if failure is None:
+            return
+        if exc is not None:  # the body's error stays the one raised
+            _note_restore_failure(exc, failure)
+            return
+        raise failure
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else ("ended" if self._entered else "not entered")
+        return f"<pc.control session on {self._target_name()}: {len(self.controllers)} controller(s), {state}>"
+
+    def _target_name(self) -> str:
+        if self.pipe is not None:
+            return f"{type(self.pipe).__name__} at {id(self.pipe):#x}"
+        return f"a bare {type(self.unet).__name__} at {id(self.unet):#x}"
+
+    def _refuse_bound_controllers(self) -> None:
+        """A controller bound to another active session would be rebound, breaking that session: refuse it."""
+        for controller in self.controllers:
+            other = bound_session(controller)
+            if other is None:
+                continue
+            name = type(controller).__name__
+            raise SessionError(
+                f"this {name} is already bound to another active session, {other!r}; a "
+                "controller serves one session at a time (it keeps that session's tokenizer, run and step state). "
+                f"Make a new controller for this session ({name}(...) again with the same arguments), or reuse "
+                "this one after the other session has ended"
+            )
+
+    def _push_undo(self, what: str, undo: Callable[[], None]) -> None:
+        """Register how to undo the change about to be made (pushed first, so a change that fails halfway is undone)."""
+        self._undo.append((what, undo))
 
     def _install(self) -> None:
+        self._push_undo("the session marker on the UNet", self._clear_unet_marker)
         setattr(self.unet, _ACTIVE_FLAG, True)
         self._active = True
         modules = attention_modules(self.unet, self.sites)
         current = self.unet.attn_processors
+        for controller in self.controllers:
+            self._push_undo(f"the binding mark of {type(controller).__name__}", functools.partial(release, controller))
+            claim(controller, self)
         for controller in self.controllers:  # bound first: applies_to may use session.sites / session.pipe
+            self._push_undo(f"{type(controller).__name__}.unbind()", controller.unbind)
             controller.bind(self)
         plan: dict[str, ControlledAttnProcessor] = {}
         for site in self.sites:
@@ -129,10 +172,12 @@ class Session:
                 plan[site.key] = ControlledAttnProcessor(self, site, acting)
         self._check_processors({key: current[key] for key in plan})
         for key, processor in plan.items():
-            self._saved_processors[key] = current[key]
+            self._push_undo(f"the processor of {key}", functools.partial(modules[key].set_processor, current[key]))
             modules[key].set_processor(processor)
-        self._hooks.append(self.hook_module.register_forward_pre_hook(self._before_unet, with_kwargs=True))
-        self._hooks.append(self.hook_module.register_forward_hook(self._after_unet))
+        pre_hook = self.hook_module.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        self._push_undo("the UNet's forward pre-hook", pre_hook.remove)
+        post_hook = self.hook_module.register_forward_hook(self._after_unet)
+        self._push_undo("the UNet's forward hook", post_hook.remove)
         if self.pipe is not None:
             if callable(getattr(self.pipe, "encode_prompt", None)):
                 self._wrap(self.pipe, "encode_prompt", self._wrapped_encode_prompt)
@@ -152,6 +197,12 @@ class Session:
         replaced: dict[str, int] = {}
         for key, processor in originals.items():
             name = type(processor).__name__
+            if isinstance(processor, ControlledAttnProcessor):
+                raise ValueError(
+                    f"the attention site {key} still runs a promptcontrol processor left by an earlier session whose "
+                    "restore failed (see that error); call `unet.set_default_attn_processor()` (or set your own "
+                    "processors again) before pc.control"
+                )
             if name in _EQUIVALENT_PROCESSORS:
                 continue
             if name in _REPLACEABLE_PROCESSORS:
@@ -170,34 +221,33 @@ class Session:
                 stacklevel=4,
             )
 
-    def _restore(self) -> None:
-        if self._saved_processors:
-            modules = attention_modules(self.unet, [s for s in self.sites if s.key in self._saved_processors])
-            for key, processor in self._saved_processors.items():
-                modules[key].set_processor(processor)
-            self._saved_processors = {}
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        for obj, name, previous in reversed(self._wrapped):
-            if previous is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                obj.__dict__[name] = previous
-        self._wrapped = []
-        if self._active:
-            for controller in self.controllers:
-                controller.unbind()
-            if hasattr(self.unet, _ACTIVE_FLAG):
-                delattr(self.unet, _ACTIVE_FLAG)
+    def _restore(self) -> BaseException | None:
+        """Run every undo step, last change first, each even when another raised; the first error (later
+        ones added to it as notes), or ``None``."""
+        first: BaseException | None = None
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+            except BaseException as error:  # noqa: BLE001 — finish restoring, then re-raise the first
+                if first is None:
+                    first = error
+                    error.add_note(f"pc.control: raised while restoring {what}; every other restore step still ran")
+                else:
+                    first.add_note(f"pc.control: restoring {what} also failed: {type(error).__name__}: {error}")
         self._active = False
         self.context = None
+        return first
+
+    def _clear_unet_marker(self) -> None:
+        if hasattr(self.unet, _ACTIVE_FLAG):
+            delattr(self.unet, _ACTIVE_FLAG)
 
     def _wrap(self, obj: Any, name: str, make_wrapper) -> None:
         """Shadow ``obj.name`` by an instance attribute for the session (restored exactly afterwards)."""
         previous = obj.__dict__.get(name, _MISSING)
         original = getattr(obj, name)
-        self._wrapped.append((obj, name, previous))
+        self._push_undo(f"{type(obj).__name__}.{name}", functools.partial(_unshadow, obj, name, previous))
         obj.__dict__[name] = make_wrapper(original)
 
     # ---- run and step tracking ------------------------------------------------------------------------------
@@ -315,6 +365,37 @@ class _Missing:
 _MISSING = _Missing()
 
 
+def _unshadow(obj: Any, name: str, previous: Any) -> None:
+    """Undo :meth:`Session._wrap`: put back the instance attribute ``obj.name`` had (or none)."""
+    if previous is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = previous
+
+
+def _note_restore_failure(error: BaseException, failure: BaseException | None) -> None:
+    """Tell, on the error that propagates, that restoring also failed (and with what)."""
+    if failure is None or failure is error:
+        return
+    error.add_note(f"pc.control: restoring afterwards also failed: {type(failure).__name__}: {failure}")
+    for note in getattr(failure, "__notes__", []):
+        error.add_note(note)
+
+
+def _distinct(controllers: list[Controller]) -> list[Controller]:
+    """``controllers`` if no object appears twice (it would be bound twice and act twice at every site)."""
+    seen: set[int] = set()
+    for controller in controllers:
+        if id(controller) in seen:
+            name = type(controller).__name__
+            raise ValueError(
+                f"the same {name} object is given twice to pc.control; give it once, or build a second "
+                f"{name}(...) if it should really act twice"
+            )
+        seen.add(id(controller))
+    return controllers
+
+
 def control(target: Any, *controllers: Controller, cfg: bool | None = None, tokenizer=None) -> Session:
     """Install ``controllers`` into ``target``'s UNet for the length of a ``with`` block.
 
@@ -324,6 +405,8 @@ def control(target: Any, *controllers: Controller, cfg: bool | None = None, toke
     controllers should tokenize with (a pipeline's own tokenizer is used otherwise).
 
     Raises ``TypeError`` for a target or controller of the wrong type, ``ValueError`` for a UNet without
-    cross-attention or a custom processor that would be dropped; nothing is installed then.
+    cross-attention, a custom processor that would be dropped or one controller object given twice; on entering,
+    :class:`SessionError` when the UNet already has an active session or a controller is bound to another active
+    session (make a new controller; reusing one after its session ended is fine). Nothing is installed then.
     """
     return Session(target, controllers, cfg=cfg, tokenizer=tokenizer)

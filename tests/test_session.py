@@ -41,6 +41,20 @@ def snapshot(pipe):
     )
 
 
+def called_once(pipe):
+    """``pipe`` after one call of its own: a pipeline's first call adds attributes (``_num_timesteps``, ...)
+    that :func:`snapshot` would otherwise blame on the session."""
+    if "_num_timesteps" not in vars(pipe):
+        run(pipe, PROMPTS[:1], steps=1)
+    return pipe
+
+
+@pytest.fixture
+def sd15(tiny_pipes):
+    """The shared tiny SD 1.5 pipeline, called once already (snapshots then hold whichever test runs first)."""
+    return called_once(tiny_pipes("sd15"))
+
+
 # ---- pass-through is exact -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sd15", "sd21", "sdxl"])
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
@@ -178,6 +192,210 @@ def test_second_session_on_same_unet_is_refused(sd15):
     assert snapshot(sd15) == before
     with pc.control(sd15):  # usable again afterwards
         pass
+
+
+class RestoreFault(Exception):
+    """The error a faulty restore step raises in these tests."""
+
+
+class Fault:
+    """Wraps a function so that, once armed, it does its work and then raises (counting its calls)."""
+
+    def __init__(self):
+        self.armed, self.calls = False, 0
+
+    def after(self, original):
+        def faulty(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if self.armed:
+                self.calls += 1
+                raise RestoreFault(f"fault {self.calls}")
+            return result
+
+        return faulty
+
+
+class LogsUnbind(pc.Controller):
+    """Acts everywhere, changes the latents (so the scheduler step is wrapped too) and logs its unbind."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def applies_to(self, site):
+        return True
+
+    def transform_latents(self, ctx, latents):
+        return latents
+
+    def unbind(self):
+        self.log.append(self.name)
+
+
+@pytest.fixture(scope="module")
+def fault_pipe():
+    """A pipeline of its own: a restore bug in these tests must not leak into the shared ones."""
+    return called_once(pc.testing.tiny_pipeline("sd15"))
+
+
+def inject(kind, fault, monkeypatch, pipe, controller):
+    """Make every restore step of one kind do its work and then raise (once ``fault`` is armed)."""
+    import promptcontrol.session as session_module
+    from torch.utils.hooks import RemovableHandle
+
+    if kind == "unbind":
+        monkeypatch.setattr(controller, "unbind", fault.after(controller.unbind))
+    elif kind == "processor":
+        attention = type(next(m for m in pipe.unet.modules() if hasattr(m, "set_processor")))
+        monkeypatch.setattr(attention, "set_processor", fault.after(attention.set_processor))
+    elif kind == "hook":
+        monkeypatch.setattr(RemovableHandle, "remove", fault.after(RemovableHandle.remove))
+    elif kind == "attribute":
+        monkeypatch.setattr(session_module, "_unshadow", fault.after(session_module._unshadow))
+    elif kind == "session-marker":
+        unet_class = type(pipe.unet)
+        monkeypatch.setattr(unet_class, "__delattr__", fault.after(unet_class.__delattr__))
+    elif kind == "binding-mark":
+        monkeypatch.setattr(session_module, "release", fault.after(session_module.release))
+
+
+@pytest.mark.parametrize(
+    "kind", ["unbind", "processor", "hook", "attribute", "session-marker", "binding-mark"]
+)
+def test_every_restore_step_runs_when_one_raises(fault_pipe, monkeypatch, kind):
+    """Issue 14.1: a raising restore step (e.g. a controller's unbind) must not stop the others; the first error
+    propagates afterwards, the later ones are notes on it, and the UNet takes a new session."""
+    pipe, log, fault = fault_pipe, [], Fault()
+    controllers = [LogsUnbind("a", log), LogsUnbind("b", log)]
+    before = snapshot(pipe)
+    inject(kind, fault, monkeypatch, pipe, controllers[0])
+    with pytest.raises(RestoreFault, match="fault 1") as raised:
+        with pc.control(pipe, *controllers):
+            run(pipe, PROMPTS[:1], steps=1)
+            fault.armed = True
+    fault.armed = False
+    assert snapshot(pipe) == before
+    assert sorted(log) == ["a", "b"]
+    monkeypatch.undo()
+    with pc.control(pipe, pc.PassThrough()):  # refused with "already active" before the fix
+        pass
+    assert snapshot(pipe) == before
+    assert all(pc.controllers.base.bound_session(c) is None for c in controllers)
+    notes = raised.value.__notes__
+    assert fault.calls >= 1 and len(notes) == fault.calls  # one note on the first error, one per later error
+    assert "every other restore step still ran" in notes[0]
+    assert sum("also failed: RestoreFault" in note for note in notes) == fault.calls - 1
+
+
+class FailsToUnbind(pc.Controller):
+    def unbind(self):
+        raise RuntimeError("unbind failed")
+
+
+class FailsToBind(pc.Controller):
+    def bind(self, session):
+        raise ValueError("cannot bind")
+
+
+def test_body_error_propagates_and_a_failing_unbind_is_noted(fault_pipe):
+    before = snapshot(fault_pipe)
+    with pytest.raises(KeyError, match="body") as raised:
+        with pc.control(fault_pipe, FailsToUnbind(), pc.PassThrough()):
+            raise KeyError("body")
+    notes = "\n".join(raised.value.__notes__)
+    assert "restoring afterwards also failed: RuntimeError: unbind failed" in notes
+    assert "FailsToUnbind.unbind()" in notes
+    assert snapshot(fault_pipe) == before
+    with pc.control(fault_pipe):
+        pass
+
+
+def test_failed_install_with_a_failing_unbind_restores_and_keeps_the_install_error(fault_pipe):
+    before = snapshot(fault_pipe)
+    with pytest.raises(ValueError, match="cannot bind") as raised:
+        with pc.control(fault_pipe, FailsToUnbind(), FailsToBind()):
+            pass
+    assert "restoring afterwards also failed: RuntimeError: unbind failed" in "\n".join(raised.value.__notes__)
+    assert snapshot(fault_pipe) == before
+    with pc.control(fault_pipe):
+        pass
+
+
+def test_a_processor_left_by_a_failed_restore_is_named(fault_pipe, monkeypatch):
+    """If a processor cannot be put back, the next session says so (not "a custom processor, IP-Adapter?")."""
+    unet = fault_pipe.unet
+    originals = dict(unet.attn_processors)
+    key = next(k for k in originals if "attn2" in k)
+    module = dict(unet.named_modules())[key.removesuffix(".processor")]
+    set_processor = module.set_processor
+
+    def refuses_to_restore(processor):
+        if not isinstance(processor, pc.processor.ControlledAttnProcessor):
+            raise RestoreFault("stuck")
+        set_processor(processor)
+
+    monkeypatch.setattr(module, "set_processor", refuses_to_restore)
+    try:
+        with pytest.raises(RestoreFault, match="stuck"):
+            with pc.control(fault_pipe, pc.PassThrough()):
+                pass
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match=f"{key} still runs a promptcontrol processor left by an earlier"):
+            with pc.control(fault_pipe, pc.PassThrough()):
+                pass
+    finally:
+        monkeypatch.undo()
+        unet.set_attn_processor(dict(originals))
+    assert {k: id(v) for k, v in unet.attn_processors.items()} == {k: id(v) for k, v in originals.items()}
+
+
+def test_controller_in_two_sessions_at_once_is_refused(tiny_pipes):
+    """Issue 14.2: the inner session is refused before it touches anything; the outer keeps working exactly."""
+    outer_pipe, other_pipe = tiny_pipes("sd15"), tiny_pipes("sd21")
+    stock = run(outer_pipe, PROMPTS[:1])
+    with pc.control(outer_pipe, pc.Reweight({"red": 4.0})):
+        reference = run(outer_pipe, PROMPTS[:1])
+    assert (reference - stock).abs().max() > 1e-4  # the weight does something, so "keeps working" means something
+    before_outer, before_other = snapshot(outer_pipe), snapshot(other_pipe)
+    shared = pc.Reweight({"red": 4.0})
+    with pc.control(outer_pipe, shared) as outer:
+        inner = pc.control(other_pipe, pc.PassThrough(), shared)
+        refused = r"already bound .*session on StableDiffusionPipeline.*Make a new controller"
+        with pytest.raises(pc.SessionError, match=refused) as raised:
+            with inner:
+                raise AssertionError("the inner session must not start")
+        assert f"{id(outer_pipe):#x}" in str(raised.value)  # names the session that holds it
+        assert snapshot(other_pipe) == before_other
+        with pytest.raises(pc.SessionError, match="already bound"):  # a bare UNet as well
+            with pc.control(other_pipe.unet, shared, tokenizer=other_pipe.tokenizer):
+                pass
+        assert pc.controllers.base.bound_session(shared) is outer
+        during = run(outer_pipe, PROMPTS[:1])  # failed with "weighting words needs a tokenizer" before the fix
+    assert (during - reference).abs().max() <= 1e-6
+    assert snapshot(outer_pipe) == before_outer and snapshot(other_pipe) == before_other
+    assert pc.controllers.base.bound_session(shared) is None
+
+
+def test_controller_reused_after_its_session_ended(tiny_pipes):
+    """Sequential reuse is normal: the same controller in a later session acts as a new one would."""
+    first_pipe, second_pipe = tiny_pipes("sd15"), tiny_pipes("sd21")
+    with pc.control(second_pipe, pc.Reweight({"red": 4.0})):
+        fresh = run(second_pipe, PROMPTS[:1])
+    reused = pc.Reweight({"red": 4.0})
+    with pc.control(first_pipe, reused):
+        run(first_pipe, PROMPTS[:1], steps=1)
+    before = snapshot(second_pipe)
+    with pc.control(second_pipe, reused):
+        again = run(second_pipe, PROMPTS[:1])
+    assert (again - fresh).abs().max() <= 1e-6
+    assert snapshot(second_pipe) == before
+
+
+def test_same_controller_twice_in_one_session_is_refused(sd15):
+    before = snapshot(sd15)
+    store = pc.AttentionStore()
+    with pytest.raises(ValueError, match="same AttentionStore object is given twice"):
+        pc.control(sd15, store, pc.PassThrough(), store)
+    assert snapshot(sd15) == before
 
 
 @pytest.mark.parametrize(
@@ -352,26 +570,30 @@ def test_bare_unet_rows_are_conditional_unless_told(tmp_path):
 
 
 def test_controllers_compose_in_order(sd15):
-    calls = []
+    """Each controller's plan receives the plan of the one before it, at every cross site, in the order given."""
+    position = 2
+    calls = []  # (site key, controller name, the value scale it received at `position` or None)
 
-    class Tag(pc.Controller):
-        def __init__(self, name):
-            self.name = name
+    class Scale(pc.Controller):
+        def __init__(self, name, factor):
+            self.name, self.factor = name, factor
 
         def plan(self, site, ctx, plan):
-            calls.append(self.name)
-            return plan.scaled(torch.ones(ctx.batch_size, 77))
+            scale = plan.terms[0].value_scale if plan.terms else None  # (B, 77) or None
+            calls.append((site.key, self.name, None if scale is None else scale[:, position].tolist()))
+            w = torch.ones(ctx.batch_size, 77)
+            w[:, position] = self.factor
+            return plan.scaled(w)
 
-    seen_terms = []
-
-    class Last(pc.Controller):
-        def plan(self, site, ctx, plan):
-            seen_terms.append(plan.terms[0].value_scale is not None)
-            return plan
-
-    with pc.control(sd15, Tag("a"), Tag("b"), Last()):
-        run(sd15, PROMPTS[:1], steps=1)
-    assert calls[:2] == ["a", "b"] and all(seen_terms)
+    with pc.control(sd15, Scale("a", 2.0), Scale("b", 3.0), Scale("last", 1.0)):
+        run(sd15, PROMPTS[:1], steps=1)  # one UNet call, CFG batch of 2
+    cross = sorted(s.key for s in pc.find_sites(sd15.unet) if s.is_cross)
+    assert len(calls) == 3 * len(cross) > 0
+    for index in range(0, len(calls), 3):  # per site call: a, then b with a's plan, then last with both
+        (key_a, *a), (key_b, *b), (key_last, *last) = calls[index : index + 3]
+        assert key_a == key_b == key_last
+        assert (a, b, last) == (["a", None], ["b", [2.0, 2.0]], ["last", [6.0, 6.0]])
+    assert sorted(key for key, name, _ in calls if name == "a") == cross
 
 
 def test_latent_controller_runs_after_each_scheduler_step(sd15):

@@ -14,6 +14,10 @@ plan the previous one returned (so a reweight given after a replace scales the r
 prompt-to-prompt). Recorders see each row's own probabilities, before any controller changed them.
 Per-call tensors (a weight vector, a token map) should be built once per step in ``begin_step`` and reused at
 every site, not rebuilt per layer.
+
+Binding: a controller object serves one active session at a time (``bind`` gives it that session's tokenizer,
+pipeline and state). The session marks it while active (:func:`claim` / :func:`release`) and refuses a controller
+that another active session holds; after a session ends the same controller may be used again.
 """
 
 from __future__ import annotations
@@ -85,6 +89,25 @@ class PassThrough(Controller):
 
     def applies_to(self, site: AttentionSite) -> bool:
         return True
+
+
+_BOUND_TO = "_promptcontrol_bound_to"
+
+
+def bound_session(controller: Controller) -> "Session | None":
+    """The active session ``controller`` is bound to, or ``None``."""
+    return getattr(controller, _BOUND_TO, None)
+
+
+def claim(controller: Controller, session: "Session") -> None:
+    """Mark ``controller`` as bound to ``session`` (works on frozen dataclasses too)."""
+    object.__setattr__(controller, _BOUND_TO, session)
+
+
+def release(controller: Controller) -> None:
+    """Drop the mark set by :func:`claim`, if any."""
+    if _BOUND_TO in getattr(controller, "__dict__", {}):
+        object.__delattr__(controller, _BOUND_TO)
 
 
 def check_controller(obj: object) -> Controller:
