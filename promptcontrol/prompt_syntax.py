@@ -15,15 +15,25 @@ A1111 emphasis (its documented rules, reproduced):
   removed and replaced by one space; its position in the plain prompt is kept in ``ParsedPrompt.breaks``.
 
 compel (on by default, ``compel=False`` turns it off): ``word+`` ×1.1, ``word++`` ×1.21, ``word-`` ×0.9,
-``word--`` ×0.81, ``(a phrase)1.3`` ×1.3, ``(a phrase)+`` ×1.1. A number or a run of ``+``/``-`` right after
-``)`` is compel's group weight (A1111 would weight the group ×1.1 and keep the number as text). Write ``\\+`` or
-``\\-`` for a literal sign after a word (``c\\+\\+``).
+``word--`` ×0.81, ``(a phrase)1.3`` ×1.3, ``(a phrase)+`` ×1.1. The signs weight the whole of compel's word:
+every character up to the previous space or syntax character (``()[]:|",.+-=``), so ``big-cat+``, ``don't+``,
+``score_9+``, ``🐱+`` and ``\\(a\\)+`` weight all of ``big-cat``, ``don't``, ``score_9``, ``🐱``, ``(a)``. A number
+or a run of ``+``/``-`` right after ``)`` is compel's group weight (A1111 would weight the group ×1.1 and keep the
+number as text). Write ``\\+`` or ``\\-`` for a literal sign after a word (``c\\+\\+``). compel's operators
+(``.swap()``, ``.blend()``, ``.and()``, ``.add()``, ``.attend()``, ``withLora()``/``useLora()``) and quoted
+weights (``"a red car"1.3``) are not supported: they raise ``ValueError`` saying what to write instead.
 
 A1111 prompt editing (applied before emphasis, as A1111 does): ``[from:to:when]`` uses ``from`` until step
 ``when`` and ``to`` from then on; ``[to:when]`` adds ``to`` at ``when``; ``[from::when]`` removes ``from`` at
-``when``; ``when < 1`` is a fraction of the steps (``int(when * steps)``), otherwise a step number; step ``i``
-(0-based) uses ``from`` while ``i < when``. ``[a|b]`` alternates per step. :meth:`ParsedPrompt.at_step`
-and :meth:`ParsedPrompt.schedule` give the prompt of each step; ``.prompt`` is the prompt of the first step.
+``when``. ``when`` is a signed number (``2``, ``0.5``, ``-1``, ``3e0``); A1111's ``use_old_scheduling`` rule
+decides what it means: ``when < 1`` is a fraction of the steps (``int(when * steps)``), otherwise a step number
+(``1.0`` is step 1); step ``i`` (0-based) uses ``from`` while ``i < when``, so a switch that rounds to step 0 (or
+below) uses ``to`` from the first step. ``[a|b]`` alternates per step. :meth:`ParsedPrompt.at_step` and
+:meth:`ParsedPrompt.schedule` give the prompt of each step. ``.prompt`` is the prompt of the first step: of a
+run of ``steps`` steps when :func:`parse_prompt` is given ``steps=``; without it, of a run long enough that no
+fraction rounds to step 0 (``[cat:dog:0.05]`` gives "cat", though 10 steps switch at step 0).
+
+Text is read in Unicode NFC (as CLIP's tokenizer reads it), so decomposed accents stay inside their words.
 """
 
 from __future__ import annotations
@@ -32,9 +42,10 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Union
 
-from .tokens import WORD_PATTERN
+from .tokens import WORD_PATTERN, normalize_text
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -43,10 +54,19 @@ COMPEL_DOWN = 0.9
 
 _WEIGHTED_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _COMPEL_GROUP = re.compile(r"(\d+(?:\.\d*)?|\.\d+|\++|-+)(?=[^\w.+\-]|$)")
-_COMPEL_WORD = re.compile(r"([^\W_]+)(\++|-+)(?=[^\w+\-]|$)")
+# one character of a compel word: an escape pair, or anything but space and syntax (compel's ()",.+-= and A1111's
+# []:|\ — so "(cat+:1.5)" weights "cat" twice)
+_COMPEL_CHAR = r"(?:\\\S|[^\s()\[\]:|\\\",.+\-=])"
+# a compel word: its characters, with inner (or leading) signs that a word character follows ("big-cat", "-5")
+_COMPEL_TERM = re.compile(rf"(?:[+\-](?={_COMPEL_CHAR}))*{_COMPEL_CHAR}(?:{_COMPEL_CHAR}|[+\-](?={_COMPEL_CHAR}))*")
+# the weight after a word: a whole run of one sign, not followed by a word character ("cat+-" weights "cat", as
+# compel does; "cat++x" stays text)
+_COMPEL_SIGNS = re.compile(rf"(\++(?!\+)|-+(?!-))(?!{_COMPEL_CHAR})")
+_COMPEL_OPERATOR = re.compile(r"(?<!\\)\.(swap|blend|and|add|attend)\s*\(|\b(withLora|useLora)\s*\(")
+_QUOTED_WEIGHT = re.compile(r'(?<!\\)"((?:[^"\\]|\\.)*)"(\++|-+|\d+(?:\.\d*)?|\.\d+)')
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _TEXT = re.compile(r"[^\\()\[\]:]+")
-_WHEN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*$")
+_WHEN = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*$")  # lark's SIGNED_NUMBER, as A1111
 
 
 @dataclass(frozen=True)
@@ -135,7 +155,7 @@ def _bracket(parts: list[list[_Node]], seps: list[str]) -> list[_Node]:
     """A ``[...]`` group: prompt editing, alternation, or plain text for the emphasis parser (``[word]``)."""
     if seps and set(seps) == {":"} and len(parts) in (2, 3):
         last = parts[-1]
-        match = _WHEN.match(last[0]) if len(last) == 1 and isinstance(last[0], str) else None
+        match = _WHEN.match(last[0]) if len(last) == 1 and isinstance(last[0], str) else None  # "3", "-1", "3e0"
         if match:
             before, after = (parts[0], parts[1]) if len(parts) == 3 else ([], parts[0])
             return [_Scheduled(tuple(before), tuple(after), float(match.group(1)))]
@@ -151,11 +171,15 @@ def _bracket(parts: list[list[_Node]], seps: list[str]) -> list[_Node]:
 
 
 def _switch_step(when: float, total: int | None) -> float:
-    """First (0-based) step that uses the ``to`` side, as A1111 computes it."""
+    """First (0-based) step that uses the ``to`` side: A1111's ``use_old_scheduling`` rule.
+
+    ``when < 1`` is a fraction of ``total`` (``int(when * total)``), otherwise a step number; clipped to
+    ``[0, total]`` (so ``1e999`` and ``-1e999`` need no special case). Without ``total``, ``when`` itself.
+    """
     if total is None:
         return when
-    steps = when * total if when < 1 else when
-    return min(total, int(steps))
+    step = when * total if when < 1 else when
+    return int(min(max(step, 0.0), total))
 
 
 def _render(nodes, step: int, total: int | None) -> str:
@@ -179,6 +203,65 @@ def _compel_weight(suffix: str) -> float:
     return float(suffix)
 
 
+def _plain_number(value: float) -> str:
+    """``value`` as a plain decimal that reads back to the same float (``1e-05`` → ``0.00001``): A1111's weight
+    syntax ``[+-]?[.\\d]+`` has no exponents."""
+    return format(Decimal(repr(float(value))), "f")
+
+
+def _compel_words_as_groups(text: str) -> str:
+    """``text`` with each compel word weight (``big-cat+``) written as the A1111 group ``(big-cat:1.1)``.
+
+    A word is a run of :data:`_COMPEL_CHAR` (escape pairs included, so ``\\(a\\)+`` weights ``(a)``); the signs
+    must follow it directly and end at a space, syntax character or the end. The group multiplies exactly as
+    compel's weight does, inside any brackets around it.
+    """
+    out, i, n = [], 0, len(text)
+    while i < n:
+        word = _COMPEL_TERM.match(text, i)
+        if word is None:
+            step = 2 if text[i] == "\\" else 1  # an escaped space: keep the pair together
+            out.append(text[i : i + step])
+            i += step
+            continue
+        signs = _COMPEL_SIGNS.match(text, word.end())
+        if signs is None:
+            out.append(word.group(0))
+            i = word.end()
+        else:
+            out.append(f"({word.group(0)}:{_plain_number(_compel_weight(signs.group(1)))})")
+            i = signs.end()
+    return "".join(out)
+
+
+def _check_compel_operators(text: str) -> None:
+    """Raise ``ValueError`` for compel syntax that promptcontrol does not read (it would become mangled text)."""
+    m = _COMPEL_OPERATOR.search(text)
+    if m:
+        name = m.group(1) or m.group(2)
+        instead = {
+            "swap": "for a prompt-to-prompt swap use pc.edit(pipe, source, edited); for a switch during the run "
+            "use A1111's [from:to:when]",
+            "attend": "write (text)1.3 or (text:1.3)",
+            "blend": "blending text embeddings is not supported",
+            "and": "conjunctions (compel's .and(), A1111's AND) are not supported",
+            "add": "conjunctions (compel's .add(), A1111's AND) are not supported",
+            "withLora": "load LoRA weights with pipe.load_lora_weights(...)",
+            "useLora": "load LoRA weights with pipe.load_lora_weights(...)",
+        }[name]
+        written = f".{name}()" if m.group(1) else f"{name}()"
+        raise ValueError(
+            f"compel's {written} operator (at character {m.start()} of {text!r}) is not supported by promptcontrol's "
+            f"prompt syntax: {instead}; or pass compel=False to read it as plain text"
+        )
+    m = _QUOTED_WEIGHT.search(text)
+    if m:
+        raise ValueError(
+            f"compel's quoted weight {m.group(0)!r} is not supported by promptcontrol's prompt syntax: write "
+            f"({m.group(1)}){m.group(2)} instead; or pass compel=False to read it as plain text"
+        )
+
+
 def _emphasis(text: str, compel: bool) -> tuple[list[tuple[str, float]], list[int]]:
     """Fragments ``(text, weight)`` whose concatenation is the plain prompt, and the fragment indices of BREAKs."""
     res: list[list] = []  # [text, weight, is_break]
@@ -194,14 +277,10 @@ def _emphasis(text: str, compel: bool) -> tuple[list[tuple[str, float]], list[in
         for k, part in enumerate(_BREAK.split(chunk)):
             if k:
                 res.append([" ", 1.0, True])
-            last = 0
-            if compel:
-                for m in _COMPEL_WORD.finditer(part):
-                    res.append([part[last : m.start()], 1.0, False])
-                    res.append([m.group(1), _compel_weight(m.group(2)), False])
-                    last = m.end()
-            res.append([part[last:], 1.0, False])
+            res.append([part, 1.0, False])
 
+    if compel:
+        text = _compel_words_as_groups(text)
     i, n = 0, len(text)
     while i < n:
         c = text[i]
@@ -270,9 +349,10 @@ class ParsedPrompt:
     """A prompt with weight syntax, parsed.
 
     source:  the text given to :func:`parse_prompt`
-    prompt:  the plain prompt of the first step: what the tokenizer sees (syntax removed, escapes resolved)
+    prompt:  the plain prompt of the first step: what the tokenizer sees (syntax removed, escapes resolved, NFC)
     spans:   weighted character spans of ``prompt`` (weights ≠ 1; adjacent equal weights merged)
     breaks:  character offsets in ``prompt`` where a ``BREAK`` was removed
+    steps:   the run's number of steps given to :func:`parse_prompt` (``prompt`` is that run's first step), or None
     """
 
     source: str
@@ -280,6 +360,7 @@ class ParsedPrompt:
     spans: tuple[WeightedSpan, ...] = ()
     breaks: tuple[int, ...] = ()
     compel: bool = field(default=True, repr=False)
+    steps: int | None = field(default=None, repr=False)
     _tree: tuple = field(default=(), repr=False, compare=False)
 
     @property
@@ -311,16 +392,31 @@ class ParsedPrompt:
                 out.append(WeightedWord(m.group(0), m.start(), m.end(), weight))
         return tuple(out)
 
-    def at_step(self, step: int, total: int | None) -> "ParsedPrompt":
-        """The prompt used at 0-based ``step`` of a run of ``total`` steps (no schedule left in it)."""
+    def at_step(self, step: int, total: int | None = None) -> "ParsedPrompt":
+        """The prompt used at 0-based ``step`` of a run of ``total`` steps (default: ``steps``; no schedule left).
+
+        With neither, fractions count as in a long run (see :attr:`prompt`).
+        """
         if not self.is_scheduled:
             return self
+        total = self.steps if total is None else total
         return _parse_plain(self.source, _render(self._tree, step, total), self.compel)
 
-    def schedule(self, total: int) -> list["ParsedPrompt"]:
-        """The prompt of every step of a run of ``total`` steps."""
-        if not isinstance(total, int) or total < 1:
-            raise ValueError(f"schedule needs a number of steps >= 1, got {total!r}")
+    def schedule(self, total: int | None = None) -> list["ParsedPrompt"]:
+        """The prompt of every step of a run of ``total`` steps (default: the ``steps`` given to parse_prompt).
+
+        ``schedule(total)[0]`` is :attr:`prompt` when the prompt was parsed with ``steps=total``.
+        """
+        if total is None:
+            if self.steps is None:
+                raise ValueError("schedule needs the number of steps: schedule(steps), or parse_prompt(..., steps=)")
+            total = self.steps
+        total = _check_steps(total, "schedule")
+        if self.steps is not None and total != self.steps:
+            raise ValueError(
+                f"this prompt was parsed for steps={self.steps} (its .prompt is that run's first step); "
+                f"parse it again with steps={total} for a run of {total} steps"
+            )
         return [self.at_step(step, total) for step in range(total)]
 
     def token_weights(self, tokenizer) -> dict[int, float]:
@@ -359,16 +455,24 @@ class ParsedPrompt:
         out, last = [], 0
         for span in self.spans:
             out.append(_escape(self.prompt[last : span.start]))
-            out.append(f"({_escape(span.text)}:{span.weight!r})")
+            out.append(f"({_escape(span.text)}:{_plain_number(span.weight)})")
             last = span.end
         out.append(_escape(self.prompt[last:]))
         return "".join(out)
 
 
 def _escape(text: str) -> str:
-    text = re.sub(r"([\\()\[\]:|+])", r"\\\1", text)
-    text = re.sub(r"(?<=\w)-(?!\w)", r"\\-", text)
+    """Plain text written so that no part of it reads as syntax (a ``-`` only where it could be a weight)."""
+    text = re.sub(r'([\\()\[\]:|+"])', r"\\\1", text)
+    text = re.sub(rf"(?<=\S)-(?!{_COMPEL_CHAR})", r"\\-", text)
     return re.sub(r"\bBREAK\b", r"\\BREAK", text)
+
+
+def _check_steps(steps, name: str) -> int:
+    """``steps`` if it is an int >= 1, else a ``ValueError`` naming the caller."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name} needs a number of steps >= 1 (an int), got {steps!r}")
+    return steps
 
 
 def _parse_plain(source: str, text: str, compel: bool) -> ParsedPrompt:
@@ -399,15 +503,26 @@ def _parse_plain(source: str, text: str, compel: bool) -> ParsedPrompt:
     )
 
 
-def parse_prompt(text: str, *, compel: bool = True) -> ParsedPrompt:
+def parse_prompt(text: str, *, compel: bool = True, steps: int | None = None) -> ParsedPrompt:
     """Parse A1111 emphasis and prompt editing and compel weights (see the module docstring).
+
+    ``steps``: the number of steps of the run, when known: ``.prompt`` is then that run's first step (a switch
+    that rounds to step 0 is in it) and ``.schedule()`` needs no argument.
 
     Returns a :class:`ParsedPrompt`: ``.prompt`` (plain text of the first step), ``.spans`` (weighted
     character spans), ``.words`` (weighted words), ``.token_weights(tokenizer)``, ``.schedule(steps)``.
+    Raises ``ValueError`` for compel operators it does not read (``.swap()``, ``.blend()``, ...).
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_prompt expects a string, got {type(text).__name__}")
-    tree, _ = _parse_nodes(text, 0, "")
-    first = _render(tree, 0, None)
-    parsed = _parse_plain(text, first, compel)
-    return ParsedPrompt(parsed.source, parsed.prompt, parsed.spans, parsed.breaks, compel, tuple(tree))
+    if steps is not None:
+        steps = _check_steps(steps, "parse_prompt")
+    normal = normalize_text(text)  # NFC, as CLIP's tokenizer reads it: "naïve" is one word either way
+    if compel:
+        _check_compel_operators(normal)
+    tree, _ = _parse_nodes(normal, 0, "")
+    first = _parse_plain(text, _render(tree, 0, steps), compel)
+    return ParsedPrompt(
+        source=text, prompt=first.prompt, spans=first.spans, breaks=first.breaks, compel=compel, steps=steps,
+        _tree=tuple(tree),
+    )

@@ -2,7 +2,8 @@
 
 The mapping uses the tokenizer's character offsets, so multi-token words ("photorealistic" → photo +
 realistic), punctuation, hyphenated words ("blue-green" is one word of three tokens), repeated words and
-case all work. Position 0 is the start token; the prompt's tokens follow; then the end token and padding
+case all work. Prompts and queries are read in Unicode NFC, as CLIP's tokenizer reads them, so a decomposed
+accent ("nai" + U+0308 + "ve") stays inside its word and either spelling finds it. Position 0 is the start token; the prompt's tokens follow; then the end token and padding
 up to ``max_length`` (77 for CLIP). Words whose tokens fall past the limit are reported as truncated.
 
 SDXL: both text encoders tokenize the prompt with the same byte-pair vocabulary and their features are
@@ -13,10 +14,19 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from dataclasses import dataclass
 
-WORD_PATTERN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
-"""A word: letters/digits, with inner hyphens or apostrophes (``blue-green``, ``don't``); punctuation is not a word."""
+_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # combining diacritics
+_LETTERS = rf"(?:[^\W_][{_MARKS}]*)+"
+WORD_PATTERN = re.compile(rf"{_LETTERS}(?:['’\-]{_LETTERS})*")
+"""A word: letters/digits (with combining accents that NFC leaves, "q̃"), with inner hyphens or apostrophes
+(``blue-green``, ``don't``); punctuation is not a word."""
+
+
+def normalize_text(text: str) -> str:
+    """``text`` in Unicode NFC, the form CLIP's tokenizer normalises to (token ids are the same either way)."""
+    return unicodedata.normalize("NFC", text)
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class PromptTokens:
     max_length: the tokenizer's sequence length (the UNet's number of keys)
     """
 
-    prompt: str
+    prompt: str  # in NFC (see normalize_text): word offsets index this string
     input_ids: tuple[int, ...]
     words: tuple[Word, ...]
     truncated: tuple[Word, ...]
@@ -67,7 +77,7 @@ class PromptTokens:
 
     def matches(self, query: str) -> list[tuple[Word, ...]]:
         """Every run of consecutive words equal (ignoring case) to the words of ``query``, in prompt order."""
-        wanted = [m.group(0).lower() for m in WORD_PATTERN.finditer(query)]
+        wanted = [m.group(0).lower() for m in WORD_PATTERN.finditer(normalize_text(query))]
         if not wanted:
             raise KeyError(f"{query!r} contains no word; the prompt's words are: {', '.join(self.texts)}")
         lowered = [w.text.lower() for w in self.words]
@@ -84,7 +94,7 @@ class PromptTokens:
         """
         found = self.matches(query)
         if not found:
-            close = difflib.get_close_matches(query.lower(), [t.lower() for t in self.texts], n=1)
+            close = difflib.get_close_matches(normalize_text(query).lower(), [t.lower() for t in self.texts], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise KeyError(f"{query!r} is not in the prompt {self.prompt!r}; its words are: {', '.join(self.texts)}{hint}")
         if occurrence is None:
@@ -101,9 +111,10 @@ class PromptTokens:
 
 
 def tokenize(tokenizer, prompt: str) -> PromptTokens:
-    """Tokenize ``prompt`` and map its words to token positions (needs a tokenizer with offsets)."""
+    """Tokenize ``prompt`` (read in NFC) and map its words to token positions (needs a tokenizer with offsets)."""
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    prompt = normalize_text(prompt)
     max_length = int(getattr(tokenizer, "model_max_length", 77))
     try:
         encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)

@@ -1,5 +1,7 @@
 """Word ↔ token positions with the real CLIP tokenizer; expected positions worked out by hand from the vocabulary."""
 
+import unicodedata
+
 import pytest
 
 from promptcontrol.testing import clip_tokenizer
@@ -47,3 +49,22 @@ def test_truncated_words_are_reported(tok):
     assert len(p.input_ids) == 77 and p.input_ids[-1] == 49407
     assert [w.text for w in p.truncated] == ["zebra", "giraffe"]
     assert p.positions("zebra") == [] and p.find("red", occurrence=75)[0].tokens == (75,)
+
+
+def test_decomposed_accents_stay_in_their_word(tok):
+    nfc = "a naïve cat"
+    nfd = unicodedata.normalize("NFD", nfc)  # "nai" + U+0308 + "ve": looks the same, one character longer
+    assert nfd != nfc and len(nfd) == len(nfc) + 1
+    for prompt in (nfc, nfd):
+        p = tokenize(tok, prompt)
+        # tokens: <s> a na ï ve cat </s> — CLIP's tokenizer reads both spellings as NFC
+        assert p.input_ids == (49406, 320, 1097, 35689, 563, 2368, 49407)
+        assert p.texts == ["a", "naïve", "cat"]
+        assert p.positions(nfc[2:7]) == [2, 3, 4]  # the NFC spelling of the query
+        assert p.positions(nfd[2:8]) == [2, 3, 4]  # the NFD spelling of the query
+        assert p.positions("NAÏVE cat") == [2, 3, 4, 5]
+
+
+def test_combining_accent_without_a_composed_form_stays_in_its_word(tok):
+    p = tokenize(tok, "a q\u0303uiet cat")  # q + combining tilde: NFC has no single character for it
+    assert p.texts == ["a", "q\u0303uiet", "cat"]
