@@ -2,6 +2,14 @@
 
 import sys
 
-from .cli import main
 
-sys.exit(main())
+def _run() -> int:
+    try:
+        from .cli import main
+    except KeyboardInterrupt:  # Ctrl-C while Python is still importing: no traceback
+        print("promptcontrol: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return main()
+
+
+sys.exit(_run())

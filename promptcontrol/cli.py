@@ -2,16 +2,20 @@
 
 Each job loads a pipeline (the embedded model by default, ``--model`` for a hub id or a local folder), runs,
 and writes its pictures and a ``run.json`` into ``--out`` all at once (see :mod:`promptcontrol.outputs`).
-Bad input exits with status 2 and a one-line reason plus a hint.
+Bad input exits with status 2 and a one-line reason plus a hint; numbers (steps, batch, guidance, seed, fractions,
+weights, size) and ``--out`` are checked before the model loads. Ctrl-C exits with status 130 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from contextlib import contextmanager
 from typing import Any, Callable
 
 EXIT_BAD_INPUT = 2
+MODEL_FOLDER_HINT = "save the pipeline again (pipe.save_pretrained) or copy the folder again"
 
 
 class CliError(Exception):
@@ -33,32 +37,80 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a step fraction must be in [0, 1], got {text}")
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to this
+
+
+def _number(text: str, kind: type, what: str):
+    """``kind(text)`` or an ``ArgumentTypeError`` that says what was expected."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number of 1 or more (steps, images per prompt, counts)."""
+    value = _number(text, int, "a whole number of 1 or more")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
     return value
 
 
-def _weight(text: str) -> tuple[str, float]:
-    """``word=1.5`` → ("word", 1.5)."""
+def seed_value(text: str) -> int:
+    """A seed: a whole number from 0 to 2**64 - 1 (what ``torch.Generator.manual_seed`` takes)."""
+    value = _number(text, int, "a whole number from 0 to 2**64 - 1")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed must be a whole number from 0 to 2**64 - 1, got {text!r}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """A finite guidance scale of 0 or more (1 or less turns classifier-free guidance off)."""
+    value = _number(text, float, "a number such as 7.5")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more (1 or less turns guidance off), "
+                                         f"got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (e.g. hours)."""
+    value = _number(text, float, "a number above 0")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
+
+
+def step_fraction(text: str) -> float:
+    """A share of the denoising steps, in [0, 1]."""
+    value = _number(text, float, "a step fraction in [0, 1], such as 0.8")
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"a step fraction must be in [0, 1], got {text!r}")
+    return value
+
+
+def word_weight(text: str) -> tuple[str, float]:
+    """``word=1.5`` → ("word", 1.5); the weight must be a finite number."""
     word, sep, value = text.rpartition("=")
     if not sep or not word:
         raise argparse.ArgumentTypeError(f"a weight looks like word=1.5, got {text!r}")
     try:
-        return word, float(value)
+        weight = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"the weight of {word!r} is not a number: {value!r}") from None
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"the weight of {word!r} must be a finite number, got {value!r}")
+    return word, weight
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("common options")
     g.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded toy model)")
-    g.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    g.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--seed", type=seed_value, default=0, help="seed of the starting noise (default 0)")
     g.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="image size (default: the model's)")
-    g.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--batch", type=positive_int, default=1, help="images per prompt (default 1)")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
@@ -94,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit a prompt while keeping the layout (prompt-to-prompt)")
     p.add_argument("source")
     p.add_argument("edits", nargs="+")
-    p.add_argument("--cross-steps", type=_fraction, default=0.8, help="fraction of steps with the source's cross-attention")
-    p.add_argument("--self-steps", type=_fraction, default=0.4, help="fraction of steps with the source's self-attention")
+    p.add_argument("--cross-steps", type=step_fraction, default=0.8, help="fraction of steps with the source's cross-attention")
+    p.add_argument("--self-steps", type=step_fraction, default=0.4, help="fraction of steps with the source's self-attention")
     p.add_argument("--blend", nargs="+", default=None, help="words whose region may change (local blend)")
-    p.add_argument("--reweight", nargs="+", type=_weight, default=None, metavar="WORD=W", help="weights in the edits")
+    p.add_argument("--reweight", nargs="+", type=word_weight, default=None, metavar="WORD=W", help="weights in the edits")
     p.add_argument("--edit-mode", default="auto", choices=["auto", "replace", "refine"])
     _common(p)
     p.set_defaults(run=run_edit)
@@ -108,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, metavar="PART",
                    help="measure only these: captions, maps, edits, weights (default: all)")
     p.add_argument("--quick", action="store_true", help="smaller prompt sets (16 captions, 8 maps, 4 swaps, 4 weights)")
-    p.add_argument("-n", "--captions", type=int, default=None, help="captions for caption accuracy (default 48)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the caption and map prompt set (default 1234)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("-n", "--captions", type=positive_int, default=None, help="captions for caption accuracy (default 48)")
+    p.add_argument("--seed", type=seed_value, default=1234, help="seed of the caption and map prompt set (default 1234)")
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     p.add_argument("--out", default=None, help="also write report.json and report.md into this folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -125,15 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- pipeline -------------------------------------------------------------------------------------------------
+@contextmanager
+def quiet_diffusers_logs():
+    """diffusers logs nothing inside (loading errors are raised and explained, one line each)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
+
+
 def _load(args) -> Any:
-    from .loading import ModelUnavailableError, load_pipeline
+    from .loading import ModelFolderError, ModelUnavailableError, load_pipeline
 
     device = None if args.device == "auto" else args.device
     dtype = None if args.dtype == "auto" else args.dtype
     try:
-        pipe = load_pipeline(args.model, device=device, dtype=dtype)
+        with quiet_diffusers_logs():  # its log lines about a missing file would come before our one-line error
+            pipe = load_pipeline(args.model, device=device, dtype=dtype)
     except ModelUnavailableError as error:
         raise CliError(str(error), "no network: pass a local folder with --model") from error
+    except ModelFolderError as error:
+        raise CliError(str(error), MODEL_FOLDER_HINT) from error
     except FileNotFoundError as error:
         raise CliError(str(error), "check the --model path, or leave --model out for the embedded model") from error
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
@@ -163,12 +231,13 @@ def run_inspect(args) -> list[str]:
     from .tokens import tokenize
     from .tracing import trace
 
+    run = RunFolder(args.out, force=args.force)  # check --out before loading the model
     pipe = _load(args)
     if args.words:  # check the words before spending the generation on them
         prompt_tokens = tokenize(pipe.tokenizer, args.prompt)
         for word in args.words:
             prompt_tokens.find(word)
-    with RunFolder(args.out, force=args.force) as run:
+    with run:
         with trace(pipe, per_step=args.per_step) as tr:
             images = pipe(
                 args.prompt, num_images_per_prompt=args.batch, generator=_generator(args, pipe), **_pipe_kwargs(args)
@@ -199,8 +268,9 @@ def run_generate(args) -> list[str]:
     from .generation import generate
     from .outputs import RunFolder, run_record
 
+    run = RunFolder(args.out, force=args.force)  # check --out before loading the model
     pipe = _load(args)
-    with RunFolder(args.out, force=args.force) as run:
+    with run:
         images = generate(
             pipe,
             args.prompt if len(args.prompt) > 1 else args.prompt[0],
@@ -225,8 +295,9 @@ def run_edit(args) -> list[str]:
 
     if args.batch != 1:
         raise CliError("edit makes one image per prompt", "leave --batch out for edit")
+    run = RunFolder(args.out, force=args.force)  # check --out before loading the model
     pipe = _load(args)
-    with RunFolder(args.out, force=args.force) as run:
+    with run:
         result = edit(
             pipe,
             args.source,
@@ -300,13 +371,17 @@ def _slug(text: str) -> str:
 # ---- entry point ----------------------------------------------------------------------------------------------
 def _explain(error: BaseException) -> CliError:
     """Turn a library error into a one-line reason and a hint."""
-    from .outputs import OutputExistsError
+    from .outputs import OutputExistsError, OutputPathError, OutputWriteError
 
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     if isinstance(error, CliError):
         return error
     if isinstance(error, OutputExistsError):
         return CliError(message, "pass --force to replace it")
+    if isinstance(error, OutputPathError):
+        return CliError(message, "give --out the path of a folder to write (it is made if missing)")
+    if isinstance(error, OutputWriteError):
+        return CliError(message, "check the free space and permissions of the folder above --out, then run again")
     if isinstance(error, KeyError):
         return CliError(message, "use one of the prompt's words (quote phrases)")
     if isinstance(error, (ValueError, TypeError)):
@@ -327,16 +402,28 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def _interrupted(command: str | None) -> int:
+    """Ctrl-C: one line, exit status 130 (what shells report for SIGINT)."""
+    if command == "sweep":
+        print("promptcontrol sweep: interrupted; finished jobs are kept: run the same command again to resume",
+              file=sys.stderr)
+    else:
+        print("promptcontrol: interrupted; nothing was written", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
+    try:  # a Ctrl-C while the libraries are still importing is quiet too
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _quiet_libraries()
+    except KeyboardInterrupt:
+        return _interrupted(None)
     runner: Callable = args.run
     try:
         written = runner(args)
     except KeyboardInterrupt:
-        print("promptcontrol: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and a hint
         explained = _explain(error)
         print(f"promptcontrol {args.command}: error: {explained.reason}", file=sys.stderr)

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 EMBEDDED = Path(__file__).resolve().parent / "assets" / "toy-sd"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -28,6 +29,38 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 class ModelUnavailableError(OSError):
     """A model named by hub id could not be fetched (no network) or found."""
+
+
+class ModelFolderError(OSError):
+    """A local pipeline folder that cannot be loaded: a file missing, truncated or damaged."""
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _unreadable_weights(folder: Path) -> list[str]:
+    """``file (reason)`` for each safetensors file of ``folder`` whose header cannot be read (truncated, damaged)."""
+    from safetensors import safe_open
+
+    found = []
+    for file in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            found.append(f"{file.relative_to(folder)} ({_first_line(error)})")
+    return found
+
+
+def _folder_error(path: Path, error: BaseException) -> ModelFolderError:
+    """One line naming the folder and what is wrong with it."""
+    damaged = _unreadable_weights(path)
+    if damaged:
+        what = f"{', '.join(damaged)} cannot be read: the file is truncated or damaged"
+    else:
+        what = f"{_first_line(error)} (a file is missing or damaged)"
+    return ModelFolderError(f"cannot load the pipeline folder {path}: {what}")
 
 
 def default_device() -> torch.device:
@@ -108,7 +141,11 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device=None, dtype=
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json): "
                                     "pass a folder written by pipe.save_pretrained(...)")
-        return _from_pretrained(DiffusionPipeline, str(path), dt, **kwargs).to(dev)
+        try:
+            pipe = _from_pretrained(DiffusionPipeline, str(path), dt, **kwargs)
+        except (OSError, SafetensorError) as err:  # diffusers: a missing file; safetensors: a truncated one
+            raise _folder_error(path, err) from err
+        return pipe.to(dev)
     name = os.fspath(model)
     if not _HUB_ID.match(name):
         raise FileNotFoundError(f"no folder at {name!r}, and it is not a hub id ('owner/name'): "

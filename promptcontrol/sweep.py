@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,14 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli import parse_size
+from .cli import (SEED_MAX, guidance_scale, parse_size, positive_float, positive_int, quiet_diffusers_logs,
+                  seed_value)
 
 MODES = ("inspect", "generate", "edit")
 JOB_KEYS: dict[str, dict[str, str]] = {  # key -> kind of value
-    "inspect": {"prompt": "str", "seed": "int", "weights": "weights", "words": "words", "negative": "str"},
-    "generate": {"prompt": "str", "seed": "int", "weights": "weights", "negative": "str"},
+    "inspect": {"prompt": "str", "seed": "seed", "weights": "weights", "words": "words", "negative": "str"},
+    "generate": {"prompt": "str", "seed": "seed", "weights": "weights", "negative": "str"},
     "edit": {
-        "source": "str", "edits": "edits", "seed": "int", "cross_steps": "fraction", "self_steps": "fraction",
+        "source": "str", "edits": "edits", "seed": "seed", "cross_steps": "fraction", "self_steps": "fraction",
         "blend": "words", "reweight": "weights",
     },
 }
@@ -72,9 +74,11 @@ def _check_value(kind: str, key: str, value: Any) -> Any:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f'"{key}" must be a non-empty string, got {value!r}')
         return value
-    if kind == "int":
+    if kind == "seed":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f'"{key}" must be an integer, got {value!r}')
+        if not 0 <= value <= SEED_MAX:
+            raise ValueError(f'"{key}" must be a whole number from 0 to 2**64 - 1, got {value!r}')
         return value
     if kind == "fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -93,12 +97,29 @@ def _check_value(kind: str, key: str, value: Any) -> Any:
         for word, weight in value.items():
             if not word.strip() or isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise ValueError(f'"{key}" maps words to numbers; {word!r}: {weight!r} is not that')
+            if not math.isfinite(weight):  # JSON lines may hold NaN and Infinity
+                raise ValueError(f'"{key}": the weight of {word!r} is {weight!r}; weights must be finite numbers')
         return {w: float(x) for w, x in value.items()}
     raise AssertionError(kind)
 
 
-def check_job(raw: Any, mode: str, default_seed: int) -> dict[str, Any]:
-    """A job as read from the file → its canonical spec (seed filled in, lists normalised); ValueError if bad."""
+def _check_softmax_weights(spec: dict[str, Any], mode: str) -> None:
+    """``--weight-mode softmax`` adds log(weight) to the logits: every weight of the job must be 0 or more."""
+    weights = dict(spec.get("weights", {}))
+    if mode == "generate":
+        from .prompt_syntax import parse_prompt
+
+        weights.update({span.text: span.weight for span in parse_prompt(spec["prompt"]).spans})
+    for word, weight in weights.items():
+        if weight < 0:
+            raise ValueError(f"the weight of {word!r} is {weight:g}, but --weight-mode softmax needs weights >= 0 "
+                             "(it adds log(weight) to the logits); use --weight-mode attention for negative weights")
+
+
+def check_job(raw: Any, mode: str, default_seed: int, weight_mode: str = "attention") -> dict[str, Any]:
+    """A job as read from the file → its canonical spec (seed filled in, lists normalised); ValueError if bad.
+
+    ``weight_mode`` is the sweep's ``--weight-mode`` (softmax refuses negative weights)."""
     if isinstance(raw, str):
         raw = {"prompt": raw} if mode != "edit" else raw
     if not isinstance(raw, dict):
@@ -120,11 +141,17 @@ def check_job(raw: Any, mode: str, default_seed: int) -> dict[str, Any]:
         parsed = parse_prompt(spec["prompt"])
         if parsed.spans or parsed.is_scheduled:
             raise ValueError('give weights either in the prompt syntax or in "weights", not both')
+    if weight_mode == "softmax" and mode in ("inspect", "generate"):
+        _check_softmax_weights(spec, mode)
     return spec
 
 
-def read_jobs(path: str | os.PathLike, mode: str, *, default_seed: int = 0) -> list[tuple[int, dict[str, Any]]]:
+def read_jobs(path: str | os.PathLike, mode: str, *, default_seed: int = 0,
+              weight_mode: str = "attention") -> list[tuple[int, dict[str, Any]]]:
     """Read and check every job of ``path`` (``.jsonl`` / ``.json``: JSON lines; else one prompt a line).
+
+    Every value is checked here, before anything runs: types, numbers finite and in range (seeds, fractions,
+    weights; with ``weight_mode="softmax"`` weights >= 0, the prompt syntax's included).
 
     Returns ``(line number, canonical spec)`` pairs (see :func:`make_jobs`). Blank lines and lines starting with
     ``#`` are skipped. Raises :class:`JobFileError` naming the first bad line.
@@ -151,7 +178,7 @@ def read_jobs(path: str | os.PathLike, mode: str, *, default_seed: int = 0) -> l
         except json.JSONDecodeError as error:
             raise JobFileError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
         try:
-            specs.append((number, check_job(raw, mode, default_seed)))
+            specs.append((number, check_job(raw, mode, default_seed, weight_mode)))
         except ValueError as error:
             raise JobFileError(f"{path}:{number}: {error}") from None
     if not specs:
@@ -430,7 +457,8 @@ def _clean_leftovers(out: Path) -> None:
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            if path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name or ".tmp-" in path.name):
+            leftover = any(mark in path.name for mark in (".partial-", ".old-", ".tmp-", "promptcontrol-probe-"))
+            if path.name.startswith(".") and leftover:  # the last: outputs.writable_folder_path's probe
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
@@ -515,15 +543,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     """Run (or resume) a sweep; returns the exit status (0 all done, 1 some failed)."""
     from .loading import load_pipeline
     from .mapsets import ShardWriter
-    from .outputs import run_record
+    from .outputs import run_record, writable_folder_path
 
     if args.save_maps and args.mode != "inspect":
         raise ValueError("--save-maps stores heat maps, which only --mode inspect records")
-    specs = read_jobs(args.file, args.mode, default_seed=args.seed)
+    specs = read_jobs(args.file, args.mode, default_seed=args.seed, weight_mode=args.weight_mode)
     jobs = make_jobs(specs, job_options(args))
+    writable_folder_path(args.out, write_inside=True)  # a file, a path inside one, unwritable: refused now
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: pick another path")
 
     state = _state(args)
     rank, processes = state.process_index, state.num_processes
@@ -542,7 +569,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         say(f"sweep: {len(jobs)} jobs, {len(jobs) - len(pending)} already done, {len(pending)} to run on {processes} process(es)")
     failed = 0
     if mine:
-        pipe = load_pipeline(args.model, device=_device(args, state), dtype=None if args.dtype == "auto" else args.dtype)
+        dtype = None if args.dtype == "auto" else args.dtype
+        with quiet_diffusers_logs():  # a damaged folder is one line of ours, not diffusers' log first
+            pipe = load_pipeline(args.model, device=_device(args, state), dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         maps = ShardWriter(out / "maps", rank, jobs_per_shard=args.maps_per_shard) if args.save_maps else None
         log = StatusLog(out / "status" / f"rank-{rank}.jsonl")
@@ -570,13 +599,6 @@ def write_index_and_record(jobs: list[Job], out: Path, args: argparse.Namespace,
 
 
 # ---- command line -------------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_sweep_parser(sub) -> argparse.ArgumentParser:
     """Register ``sweep`` on the CLI's subparsers (its own option set: ``--out`` may exist, that is resuming)."""
     p = sub.add_parser(
@@ -592,25 +614,25 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--words-from-prompt", action="store_true",
                    help="inspect: a map for every word of each prompt, even where a job lists 'words' (default "
                    "without 'words')")
-    p.add_argument("--map-size", type=_positive, default=64, help="longest side of stored maps (default 64, at most the image's)")
+    p.add_argument("--map-size", type=positive_int, default=64, help="longest side of stored maps (default 64, at most the image's)")
     p.add_argument("--normalize", default="none", choices=["word", "global", "none"], help="stored maps (default none: raw)")
-    p.add_argument("--maps-per-shard", type=_positive, default=64, help="jobs per map shard (default 64)")
+    p.add_argument("--maps-per-shard", type=positive_int, default=64, help="jobs per map shard (default 64)")
     p.add_argument("--no-grid", action="store_true",
                    help="inspect/edit: skip each job's grid picture (for large map datasets; not part of the job id)")
-    p.add_argument("--jobs-per-call", type=_positive, default=1,
+    p.add_argument("--jobs-per-call", type=positive_int, default=1,
                    help="inspect/generate: jobs run together in one pipeline call (default 1; try 4-8 on a GPU)")
     p.add_argument("--weight-mode", default="attention", choices=["attention", "softmax", "embedding"])
     p.add_argument("--edit-mode", default="auto", choices=["auto", "replace", "refine"])
     g = p.add_argument_group("common options")
     g.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded toy model)")
-    g.add_argument("--steps", type=_positive, default=20, help="denoising steps (default 20)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    g.add_argument("--seed", type=int, default=0, help="seed of jobs that give none (default 0)")
+    g.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--seed", type=seed_value, default=0, help="seed of jobs that give none (default 0)")
     g.add_argument("--size", type=parse_size, default=None, metavar="WxH", help="image size (default: the model's)")
     g.add_argument("--device", default="auto", help="auto (each process's accelerator, else cpu), cuda, mps or cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--redo", action="store_true", help="run every job again, even those recorded done")
-    g.add_argument("--barrier-hours", type=float, default=24.0, help="how long processes wait for each other (default 24)")
+    g.add_argument("--barrier-hours", type=positive_float, default=24.0, help="how long processes wait for each other (default 24)")
     g.add_argument("--verbose-errors", action="store_true", help="print the traceback of failing jobs")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=cli_sweep)
@@ -619,8 +641,8 @@ def add_sweep_parser(sub) -> argparse.ArgumentParser:
 
 def cli_sweep(args: argparse.Namespace) -> list[str]:
     """The CLI runner: bad input → CliError (exit 2); failed jobs → exit status 1."""
-    from .cli import CliError
-    from .loading import ModelUnavailableError
+    from .cli import MODEL_FOLDER_HINT, CliError
+    from .loading import ModelFolderError, ModelUnavailableError
 
     try:
         status = run_sweep(args)
@@ -628,6 +650,8 @@ def cli_sweep(args: argparse.Namespace) -> list[str]:
         raise CliError(str(error), "fix that line (see docs/sweep.md for the job keys), then run again") from error
     except ModelUnavailableError as error:
         raise CliError(str(error), "no network: pass a local folder with --model") from error
+    except ModelFolderError as error:
+        raise CliError(str(error), MODEL_FOLDER_HINT) from error
     if status:
         raise SystemExit(status)
     return []

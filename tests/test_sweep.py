@@ -138,6 +138,12 @@ def test_text_file_skips_blanks_and_comments(tmp_path):
         ('{"source": "a dog", "edits": ["a cat"], "cross_steps": 1.5}', "edit", '"cross_steps" must be a number in [0, 1]'),
         ('{"prompt": "a dog",', "inspect", "not valid JSON"),
         ('["a dog"]', "inspect", "a job is a JSON object"),
+        ('{"prompt": "a dog", "weights": {"dog": NaN}}', "generate", "the weight of 'dog' is nan; weights must be finite"),
+        ('{"prompt": "a dog", "weights": {"dog": Infinity}}', "inspect", "weights must be finite"),
+        ('{"source": "a dog", "edits": ["a cat"], "reweight": {"cat": -Infinity}}', "edit", "weights must be finite"),
+        ('{"source": "a dog", "edits": ["a cat"], "self_steps": NaN}', "edit", '"self_steps" must be a number in [0, 1]'),
+        ('{"prompt": "a dog", "seed": -1}', "inspect", '"seed" must be a whole number from 0 to 2**64 - 1'),
+        ('{"prompt": "a dog", "seed": 18446744073709551616}', "generate", "from 0 to 2**64 - 1"),
     ],
 )
 def test_bad_job_names_its_line(tmp_path, line, mode, message):
@@ -145,6 +151,17 @@ def test_bad_job_names_its_line(tmp_path, line, mode, message):
     with pytest.raises(sweep.JobFileError) as caught:
         sweep.read_jobs(path, mode)
     assert "jobs.jsonl:3: " in str(caught.value) and message in str(caught.value)
+
+
+def test_softmax_weights_must_not_be_negative_in_the_file_or_the_prompt(tmp_path):
+    lines = ['{"prompt": "a cat", "weights": {"cat": -0.5}}', '{"prompt": "a (cat:-1) and a dog"}']
+    path = _write_lines(tmp_path / "jobs.jsonl", lines)
+    assert len(sweep.read_jobs(path, "generate")) == 2  # the equalizer (attention mode) takes negative weights
+    with pytest.raises(sweep.JobFileError, match=r"jobs.jsonl:1: the weight of 'cat' is -0.5, but --weight-mode softmax"):
+        sweep.read_jobs(path, "generate", weight_mode="softmax")
+    path = _write_lines(tmp_path / "jobs.jsonl", lines[1:])
+    with pytest.raises(sweep.JobFileError, match=r"jobs.jsonl:1: the weight of 'cat' is -1, but --weight-mode softmax"):
+        sweep.read_jobs(path, "generate", weight_mode="softmax")
 
 
 def test_empty_or_missing_job_file(tmp_path):
@@ -287,6 +304,61 @@ def test_bad_job_file_exits_2_with_the_line(tmp_path, model, capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_BAD_INPUT and "e.jsonl:2: missing 'edits'" in err and "hint:" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_nan_weight_stops_the_sweep_before_any_job_runs(tmp_path, model, capsys):
+    lines = ['{"prompt": "a red circle"}', '{"prompt": "a blue square", "weights": {"blue": NaN}}']
+    jobs = _write_lines(tmp_path / "jobs.jsonl", lines)
+    out = tmp_path / "o"
+    code = cli.main(["sweep", str(jobs), "--mode", "generate", "--out", str(out), "--model", model, "--steps", "1",
+                     "--size", "32x32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT, err  # bad input (2), not a failed job (1)
+    assert "jobs.jsonl:2: " in err and "finite" in err and "hint:" in err
+    assert not out.exists()  # the first line did not run either
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--guidance", "nan", "finite"),
+        ("--seed", "-3", "0 to 2**64 - 1"),
+        ("--steps", "0", "1 or more"),
+        ("--map-size", "abc", "whole number"),
+        ("--barrier-hours", "0", "above 0"),
+    ],
+)
+def test_bad_numeric_options_exit_2_naming_the_option(tmp_path, capsys, option, value, message):
+    jobs = _write_lines(tmp_path / "p.txt", ["a red circle"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["sweep", str(jobs), "--out", str(tmp_path / "o"), option, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and last.startswith(f"promptcontrol sweep: error: argument {option}: ")
+    assert message in last and "invalid" not in last
+
+
+def test_out_inside_a_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("promptcontrol.loading.load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    jobs = _write_lines(tmp_path / "p.txt", ["a red circle"])
+    code = cli.main(["sweep", str(jobs), "--out", str(jobs / "run"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and len(lines) == 2, lines
+    assert "p.txt is a file, so no folder can be made inside it" in lines[0] and "bug" not in lines[1]
+
+
+def test_a_truncated_model_folder_is_one_line_naming_it(tmp_path, model, capsys):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    jobs = _write_lines(tmp_path / "p.txt", ["a red circle"])
+    code = cli.main(["sweep", str(jobs), "--out", str(tmp_path / "o"), "--model", str(broken), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and len(lines) == 2, lines
+    assert f"cannot load the pipeline folder {broken}: unet/diffusion_pytorch_model.safetensors" in lines[0]
+    assert "truncated" in lines[0] and "bug" not in lines[1]
 
 
 def test_generate_and_edit_jobs_write_their_images(tmp_path, model):
