@@ -4,10 +4,13 @@ They use the real CLIP tokenizer (the package's own copy) with small random text
 so word↔token alignment is real while a 32×32 image takes milliseconds. Their pictures are noise: use
 :func:`promptcontrol.load_pipeline` for a model that draws what it is told.
 
-``tiny_pipeline("sd15" | "sd21" | "sdxl")``:
+``tiny_pipeline("sd15" | "sd15-deep" | "sd21" | "sdxl")``:
 
 * ``sd15``: conv-projection transformers, one head count everywhere (``attention_head_dim`` = heads, as SD 1.x),
   cross-attention at two levels;
+* ``sd15-deep``: SD 1.5's own layout scaled down: four levels (three cross-attention down blocks and a plain one,
+  a plain up block and three cross-attention ones, cross-attention in the middle block), so "the two coarsest
+  levels" (the middle block's and the one above it) are not every level, as at 512² on SD 1.5;
 * ``sd21``: linear projections, per-block head counts, ``upcast_attention=True``;
 * ``sdxl``: two text encoders (the second with projection), ``text_time`` added embedding, stacked
   transformer blocks (``transformer_layers_per_block=(1, 2)``).
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "toy-sd" / "tokenizer"
-KINDS = ("sd15", "sd21", "sdxl")
+KINDS = ("sd15", "sd15-deep", "sd21", "sdxl")
 
 
 def clip_tokenizer():
@@ -68,6 +71,16 @@ def _vae(seed: int):
     ).eval()
 
 
+def _sd15_layout(common: dict) -> dict:
+    """SD 1.5's block layout (4 levels, the coarsest without attention in its down/up blocks), tiny channels."""
+    return {
+        **common,
+        "block_out_channels": (16, 16, 32, 32),
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    }
+
+
 def tiny_unet(kind: str = "sd15", seed: int = 0):
     """A tiny ``UNet2DConditionModel`` of the given architecture kind (random weights, seeded)."""
     from diffusers import UNet2DConditionModel
@@ -88,6 +101,8 @@ def tiny_unet(kind: str = "sd15", seed: int = 0):
     torch.manual_seed(seed)
     if kind == "sd15":
         unet = UNet2DConditionModel(**common, attention_head_dim=2)
+    elif kind == "sd15-deep":
+        unet = UNet2DConditionModel(**_sd15_layout(common), attention_head_dim=2)
     elif kind == "sd21":
         unet = UNet2DConditionModel(**common, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
     else:
@@ -117,7 +132,7 @@ def _scheduler():
 
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, device: str | torch.device = "cpu"):
-    """A tiny pipeline of the given kind (``"sd15"``, ``"sd21"``, ``"sdxl"``), built offline from configs.
+    """A tiny pipeline of the given kind (``"sd15"``, ``"sd15-deep"``, ``"sd21"``, ``"sdxl"``), built offline.
 
     Output images are 32×32 by default (latent 16×16); height and width: any multiple of 8 (the pipelines check it).
     """

@@ -49,6 +49,8 @@ def test_edit_never_changes_the_source_row(sd15, guidance):
 
 
 def test_editing_a_prompt_into_itself_gives_the_source(sd15):
+    """Sanity check, not evidence that editing works (it also holds with editing disabled): an identity edit
+    leaves the image as it is. test_whole_edit_equals_explicit_prompt_to_prompt checks the edit itself."""
     out = pc.edit(sd15, SRC, [SRC, SRC], cross_steps=1.0, self_steps=1.0, seed=3, num_inference_steps=STEPS, output_type="np")
     for image in out.edited:
         np.testing.assert_allclose(image, out.source, atol=1e-5)
@@ -168,11 +170,24 @@ def test_local_blend_mask_matches_reference_and_keeps_source_outside(sd15):
     assert not torch.allclose(edited[~outside], source[~outside])
 
 
+def blend_masks(pipe, cross_steps, threshold=0.9):
+    """LocalBlend's last masks (source, edit) of "red" → "green" and its mean word maps (2, h, w)."""
+    blend = pc.LocalBlend([["red"], ["green"]], threshold=threshold, start=0.0)
+    pc.edit(pipe, SRC, EDIT, cross_steps=cross_steps, self_steps=0, blend=blend, seed=0, num_inference_steps=STEPS,
+            output_type="latent")
+    return blend.last_mask[0], blend.last_mask[1], blend.mean_maps()
+
+
 def test_local_blend_uses_the_maps_the_rows_used(sd15):
-    """Inside a full replace window the edited word's map is the source word's map, so both masks agree."""
-    blend = pc.LocalBlend([["red"], ["green"]], threshold=0.3, start=0.0)
-    pc.edit(sd15, SRC, EDIT, cross_steps=1.0, self_steps=0, blend=blend, seed=0, num_inference_steps=STEPS, output_type="latent")
-    assert torch.equal(blend.last_mask[0], blend.last_mask[1])
+    """Inside a full replace window the edited word's map is the source word's map, so both masks agree; with each
+    row's own maps (no replace) they differ at this threshold, so the agreement is the replace's doing."""
+    source, edited, maps = blend_masks(sd15, cross_steps=1.0)
+    assert 0 < int(source.sum()) < source.numel()  # a partial mask (0.3 keeps all of a tiny model's flat maps)
+    torch.testing.assert_close(maps[1], maps[0])  # the edited row summed the source row's map of "red"
+    assert torch.equal(edited, source)
+    own_source, own_edited, _ = blend_masks(sd15, cross_steps=0)
+    assert torch.equal(own_source, source)  # the source row is the same run
+    assert int((own_source ^ own_edited).sum()) > 0  # "green"'s own map gives another mask
 
 
 def test_grid_labels_source_and_edits(sd15):
@@ -253,7 +268,8 @@ def test_recording_for_the_blend_does_not_change_the_edit(sd15):
 
 class ExplicitP2P:
     """Prompt-to-prompt written out for the test: explicit softmax at every layer, maps edited in memory
-    (cross: per-token window blend of the source map, identity mapper; self: source map at the chosen levels)."""
+    (cross: per-token window blend of the source map, identity mapper; self: the source map at the layers whose
+    number of queries is in ``self_queries``), for each (source row, edited row) of ``pairs``."""
 
     def __init__(self, site, state):
         self.site, self.state = site, state
@@ -267,45 +283,56 @@ class ExplicitP2P:
         logits = q @ k.transpose(-1, -2) * d**-0.5
         p = torch.exp(logits - logits.amax(-1, keepdim=True))
         p = p / p.sum(-1, keepdim=True)
-        step, (src, edit) = self.state["step"], self.state["rows"]
-        if self.site.kind == "cross":
-            w = self.state["cross"][step]  # (K,) 1 where the token takes the source map at this step
-            p[edit] = p[src] * w + p[edit] * (1 - w)
-        elif step in self.state["self_steps"] and self.site.level in self.state["self_levels"]:
-            p[edit] = p[src]
+        step = self.state["step"]
+        inject_self = step in self.state["self_steps"] and hidden_states.shape[1] in self.state["self_queries"]
+        for src, edit in self.state["pairs"]:
+            if self.site.kind == "cross":
+                w = self.state["cross"][step]  # (K,) 1 where the token takes the source map at this step
+                p[edit] = p[src] * w + p[edit] * (1 - w)
+            elif inject_self:
+                p[edit] = p[src]
         out = (p @ v).transpose(1, 2).reshape(b, -1, heads * d)
         return attn.to_out[0](out)
 
 
-def test_whole_edit_equals_explicit_prompt_to_prompt(sd15):
-    """Every step, every layer: pc.edit's fused run gives the images of an explicit-softmax P2P run."""
+def explicit_p2p_images(pipe, prompts, latents, state, **kwargs):
+    """Images of ``pipe(prompts)`` with :class:`ExplicitP2P` at every site (``state["step"]`` counts UNet calls)."""
+    saved = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({s.key: ExplicitP2P(s, state) for s in pc.find_sites(pipe.unet)})
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: state.__setitem__("step", state["step"] + 1))
+    try:
+        with torch.no_grad():
+            return pipe(prompts, latents=latents, output_type="np", **kwargs).images
+    finally:
+        hook.remove()
+        pipe.unet.set_attn_processor(dict(saved))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd15-deep"])
+def test_whole_edit_equals_explicit_prompt_to_prompt(tiny_pipes, injected_self_queries, kind):
+    """Every step, every layer: pc.edit's fused run gives the images of an explicit-softmax P2P run (on SD 1.5's
+    four-level layout the self maps are injected at the two coarsest levels only); disabling the edit fails it."""
+    pipe = tiny_pipes(kind)
     steps, green = 3, 2  # "green" is token 2 of EDIT
     cross = torch.zeros(steps, 77)
     cross[:2] = 1.0  # default (0, 0.67): steps 0 and 1
     cross[:, green] = torch.tensor([0.0, 1.0, 1.0])  # green (0.34, 1.0): steps 1 and 2
-    sites = pc.find_sites(sd15.unet)
-    levels = sorted({s.level for s in sites if s.kind == "self"})[-2:]
-    state = {"step": -1, "rows": (2, 3), "cross": cross, "self_steps": {0}, "self_levels": levels}
-    saved = dict(sd15.unet.attn_processors)
-    sd15.unet.set_attn_processor({s.key: ExplicitP2P(s, state) for s in sites})
-    hook = sd15.unet.register_forward_pre_hook(lambda *a: state.__setitem__("step", state["step"] + 1))
+    state = {"step": -1, "pairs": [(2, 3)], "cross": cross, "self_steps": {0},
+             "self_queries": injected_self_queries(pipe.unet, (16, 16))}
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
-    try:
-        with torch.no_grad():
-            expected = sd15([SRC, EDIT], latents=latents, num_inference_steps=steps, output_type="np").images
-    finally:
-        hook.remove()
-        sd15.unet.set_attn_processor(dict(saved))
-    out = pc.edit(sd15, SRC, EDIT, cross_steps={"default": 0.67, "green": (0.34, 1.0)}, self_steps=0.34, seed=0,
+    expected = explicit_p2p_images(pipe, [SRC, EDIT], latents, state, num_inference_steps=steps)
+    out = pc.edit(pipe, SRC, EDIT, cross_steps={"default": 0.67, "green": (0.34, 1.0)}, self_steps=0.34, seed=0,
                   num_inference_steps=steps, output_type="np")
     np.testing.assert_allclose(out.source, expected[0], atol=1e-5)
     np.testing.assert_allclose(out.edited[0], expected[1], atol=1e-5)
-    assert not np.allclose(expected[1], alone(sd15, EDIT), atol=1e-4)  # the edit did act
+    assert not np.allclose(expected[1], alone(pipe, EDIT), atol=1e-3)  # the edit did act
 
 
 def test_several_images_per_prompt_pair_kth_with_kth(sd15):
-    """num_images_per_prompt=2: images [s0, s1, e0, e1]; an edit into the same prompt reproduces s0 and s1 in order
-    (pairing e1 with s0 would not), and the source images are the prompt's own."""
+    """Sanity check of the batch order (an identity edit, so it also holds with editing disabled): with
+    num_images_per_prompt=2 the images are [s0, s1, e0, e1]; an edit into the same prompt reproduces s0 and s1 in
+    order (pairing e1 with s0 would not), and the source images are the prompt's own. The next test checks a real
+    edit of each draw against explicit P2P."""
     out = pc.edit(sd15, SRC, SRC, cross_steps=1.0, self_steps=1.0, seed=1, num_images_per_prompt=2,
                   num_inference_steps=STEPS, output_type="np")
     assert len(out.images) == 4
@@ -315,3 +342,18 @@ def test_several_images_per_prompt_pair_kth_with_kth(sd15):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     own = sd15(SRC, latents=latents, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np").images
     np.testing.assert_allclose(np.stack(out.images[:2]), own, atol=1e-5)
+
+
+def test_several_images_per_prompt_edit_each_draw_from_its_own_source(sd15, injected_self_queries):
+    """num_images_per_prompt=2 with a real edit: conditional rows [s0, s1, e0, e1] (4..7); e_k takes s_k's maps
+    (explicit P2P with pairs (4, 6), (5, 7)); a wrong pairing or no edit at all fails it."""
+    state = {"step": -1, "pairs": [(4, 6), (5, 7)], "cross": torch.ones(STEPS, 77), "self_steps": set(range(STEPS)),
+             "self_queries": injected_self_queries(sd15.unet, (16, 16))}
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1)
+    expected = explicit_p2p_images(sd15, [SRC, EDIT], latents, state, num_images_per_prompt=2,
+                                   num_inference_steps=STEPS)
+    out = pc.edit(sd15, SRC, EDIT, cross_steps=1.0, self_steps=1.0, seed=1, num_images_per_prompt=2,
+                  num_inference_steps=STEPS, output_type="np")
+    np.testing.assert_allclose(np.stack(out.images), expected, atol=1e-5)
+    plain = sd15([SRC, EDIT], latents=latents, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np")
+    assert not np.allclose(expected[2:], plain.images[2:], atol=1e-3)  # the edit did act on both draws

@@ -176,14 +176,63 @@ def test_self_injection_uses_source_map_with_edit_values(sd15):
     assert torch.allclose(out, finish(module, p @ v), atol=1e-5)
 
 
-def test_self_injection_default_levels_are_the_two_coarsest(sd15):
-    sites = pc.find_sites(sd15.unet)
+@pytest.mark.parametrize("kind, expected", [("sd15", (0, 1)), ("sd15-deep", (2, 3))])
+def test_self_injection_default_levels_are_the_two_coarsest(tiny_pipes, kind, expected):
+    """Default levels: the two coarsest with attention (two levels: both; SD 1.5's four: the third down block's and
+    the middle block's, 16² and 8² at 512²)."""
     from promptcontrol.controllers.inject import default_self_levels
 
-    levels = sorted({s.level for s in sites if s.kind == "self"})
-    assert default_self_levels(sites) == tuple(levels[-2:])
+    pipe = tiny_pipes(kind)
+    sites = pc.find_sites(pipe.unet)
+    assert default_self_levels(sites) == expected
     only = InjectSelf(0.4, levels=[1])
     assert [s.level for s in sites if only.applies_to(s)] == [1] * sum(1 for s in sites if s.kind == "self" and s.level == 1)
+
+
+def run_capturing_all(pipe, sites, call, prompts, *controllers, height=32, width=32):
+    """(module, (hidden, ehs, output)) of every site at one call, in a run of ``controllers`` from shared noise."""
+    modules = attention_modules(pipe.unet, sites)
+    captures = {key: Capture(module, call) for key, module in modules.items()}
+    factor = pipe.vae_scale_factor
+    latents = torch.randn(1, 4, height // factor, width // factor, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad(), pc.control(pipe, *controllers):
+            pipe(prompts, latents=latents.repeat(len(prompts), 1, 1, 1), num_inference_steps=STEPS,
+                 height=height, width=width, output_type="latent")
+    finally:
+        for capture in captures.values():
+            capture.remove()
+    return {key: (modules[key], captures[key].seen) for key in modules}
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 32)], ids=["square", "nonsquare"])
+def test_self_injection_acts_only_at_the_two_coarsest_levels_of_sd15s_layout(tiny_pipes, injected_self_queries, size):
+    """On SD 1.5's four-level layout the edited row takes the source map exactly at the self-attention layers whose
+    query grid is one of the two coarsest with attention (prompt-to-prompt's ≤16² layers at 512²), and attends
+    with its own map at the finer ones."""
+    pipe = tiny_pipes("sd15-deep")
+    factor = pipe.vae_scale_factor
+    expected_queries = injected_self_queries(pipe.unet, (size[0] // factor, size[1] // factor))
+    sites = [s for s in pc.find_sites(pipe.unet) if s.kind == "self"]
+    seen = run_capturing_all(pipe, sites, 1, ["a red circle", "a green circle"], InjectSelf(1.0),
+                             height=size[0], width=size[1])
+    injected, expected = set(), set()
+    with torch.no_grad():
+        for key, (module, (hidden, _, out)) in seen.items():
+            p, v = explicit(module, hidden, None)
+            own = finish(module, p @ v)
+            swapped_heads = p @ v
+            swapped_heads[3] = p[2] @ v[3]  # rows: [uncond src, uncond edit, cond src, cond edit]
+            swapped = finish(module, swapped_heads)
+            assert not torch.allclose(own, swapped, atol=1e-4), key  # the two are told apart at this layer
+            if torch.allclose(out, swapped, atol=1e-5):
+                injected.add(key)
+            else:
+                assert torch.allclose(out, own, atol=1e-5), key
+            if hidden.shape[1] in expected_queries:
+                expected.add(key)
+    assert 0 < len(expected) < len(seen)  # some layers, not all
+    assert injected == expected
 
 
 def test_replace_with_different_word_counts_says_use_refine(sd15):

@@ -277,7 +277,12 @@ def test_v_prediction_model(tiny_pipes):
 
 def test_float16_pipeline():
     """A float16 pipeline (as on CUDA): the embedding is optimised as a float32 leaf and stored in the pipeline's
-    dtype; x_T goes in as float16; reconstruction and edits run."""
+    dtype; x_T goes in as float16; reconstruction and edits run, and the edit's source row is the reconstruction.
+
+    The reconstruction samples 2 rows, the edit 4, and float16 kernels round differently by batch size (measured
+    up to 0.018, 9 float16 spacings at the latents' |x| < 4, after 3 steps), so the source row is compared with
+    the same reconstruction sampled at the edit's batch (two copies of the prompt): measured equal; two spacings
+    allowed, far below what a row guided by other null text moves (DDIM's: > 1)."""
     pipe = pc.testing.tiny_pipeline("sd15").to(torch.float16)
     ddim = pc.invert(pipe, picture(), PROMPT, steps=STEPS, method="ddim", progress=False)
     null = pc.invert(pipe, picture(), PROMPT, steps=STEPS, inner_steps=5, progress=False)
@@ -285,7 +290,13 @@ def test_float16_pipeline():
     assert null.latent_error() < 0.75 * ddim.latent_error()
     out = pc.edit(pipe, null, EDIT, output_type="latent")
     assert out.source.dtype == torch.float16
-    torch.testing.assert_close(out.source.float(), null.reconstruction_latents[0], atol=0.15, rtol=0)  # fp16, batch 4 vs 2
+    with torch.no_grad(), pc.control(pipe, null.controller()):
+        same_batch = pipe([PROMPT, PROMPT], output_type="latent", **null.pipe_kwargs(pipe, 2)).images
+    torch.testing.assert_close(same_batch[0].float(), null.reconstruction_latents[0], atol=0.05, rtol=0)  # batch 4 vs 2
+    spacing = 2.0 ** (math.floor(math.log2(float(same_batch.float().abs().max()))) - 10)  # float16 at the top |x|
+    torch.testing.assert_close(out.source.float(), same_batch[0].float(), atol=2 * spacing, rtol=0)
+    assert float((ddim.reconstruction_latents[0] - null.reconstruction_latents[0]).abs().max()) > 1.0
+    assert not torch.allclose(out.edited[0].float(), out.source.float(), atol=0.1)  # the edit acted
 
 
 # ---- edits of an inversion -----------------------------------------------------------------------------------------
@@ -307,14 +318,19 @@ def test_sdxl_edit_of_inversion(tiny_pipes):
     torch.testing.assert_close(out.source, inv.reconstruction_latents[0], atol=1e-4, rtol=1e-4)
 
 
-def test_edit_of_inversion_without_injection_samples_the_edit_from_x_T(sd15, inversions):
+def test_edit_of_inversion_samples_the_edit_from_x_T_unless_maps_are_injected(sd15, inversions):
+    """No injection: the edited row is the edit prompt's own guided sampling from x_T (null text per step). With the
+    source's maps injected on every step it is not (measured 0.35 away; it would be 0 with editing disabled)."""
     _, inv = inversions
-    out = pc.edit(sd15, inv, EDIT, cross_steps=0, self_steps=0, output_type="latent")
     expected = guided_sampling(sd15, inv.x_T, EDIT, inv.null_embeddings, 7.5)[0]
+    out = pc.edit(sd15, inv, EDIT, cross_steps=0, self_steps=0, output_type="latent")
     torch.testing.assert_close(out.edited[0], expected, atol=1e-4, rtol=1e-4)
+    injected = pc.edit(sd15, inv, EDIT, cross_steps=1.0, self_steps=1.0, output_type="latent")
+    assert float((injected.edited[0] - expected).abs().max()) > 0.1
 
 
 def test_edit_of_inversion_into_its_own_prompt_gives_the_reconstruction(sd15, inversions):
+    """Sanity check, not evidence that editing works (it also holds with editing disabled); the test above is."""
     _, inv = inversions
     out = pc.edit(sd15, inv, PROMPT, cross_steps=1.0, self_steps=1.0, output_type="latent")
     torch.testing.assert_close(out.edited[0], inv.reconstruction_latents[0], atol=1e-4, rtol=1e-4)
@@ -462,7 +478,8 @@ def test_measured_on_the_embedded_model(scene_seed):
     null-text reconstructs it better than DDIM inversion at the same steps and guidance; then one object's colour
     is edited with a local blend on its noun, and the edit changes that object more than the rest of the image
     (PSNR against the reconstruction inside vs outside the object's true mask, dilated by 2 px; and inside vs
-    outside the blend mask when that mask does not cover the whole image)."""
+    outside the blend mask, which must be partial: threshold 0.8, since at prompt-to-prompt's 0.3 the embedded
+    model's coarse maps cover the whole image)."""
     from promptcontrol.inversion import decode_latents
     from promptcontrol.loading import load_pipeline
     from promptcontrol.toy import world
@@ -484,7 +501,8 @@ def test_measured_on_the_embedded_model(scene_seed):
     assert null.psnr() > ddim.psnr() + 1.0
     assert null.latent_error() < 0.5 * ddim.latent_error()
 
-    out = pc.edit(pipe, null, edited, blend=[words[target.noun]], output_type="np")
+    blend = pc.LocalBlend([words[target.noun]], threshold=0.8)  # at 0.3 the maps cover the whole image
+    out = pc.edit(pipe, null, edited, blend=blend, output_type="np")
     rec = np.asarray(null.reconstruction, dtype=np.float64) / 255
     assert pc.inversion.psnr(out.source, rec) > 40  # the edit's source row is the reconstruction
 
@@ -494,14 +512,11 @@ def test_measured_on_the_embedded_model(scene_seed):
 
     truth = _dilate(scene.masks[1])
     inside, outside = inside_outside(truth)
-    blend = next(c for c in out.controllers if isinstance(c, pc.LocalBlend))
     mask = (blend.last_mask[0] | blend.last_mask[1]).float()[None]  # (1, 1, h, w) on the latent grid
     mask = torch.nn.functional.interpolate(mask, size=truth.shape, mode="nearest")[0, 0].bool().numpy()
-    line = f"edit -> {colour}: PSNR vs reconstruction inside the object {inside:.2f} dB, outside {outside:.2f} dB"
-    if 0 < mask.mean() < 1:
-        b_in, b_out = inside_outside(mask)
-        print(f"{line}; inside the blend mask ({mask.mean():.0%}) {b_in:.2f} dB, outside {b_out:.2f} dB")
-        assert b_out > b_in
-    else:
-        print(f"{line}; the blend mask covers {mask.mean():.0%} of the image (the model's maps are not local)")
+    assert 0 < mask.mean() < 1, f"the blend mask covers {mask.mean():.0%} of the image at threshold 0.8: not local"
+    b_in, b_out = inside_outside(mask)
+    print(f"edit -> {colour}: PSNR vs reconstruction inside the object {inside:.2f} dB, outside {outside:.2f} dB; "
+          f"inside the blend mask ({mask.mean():.0%}) {b_in:.2f} dB, outside {b_out:.2f} dB")
+    assert b_out > b_in  # measured 18.1 > 10.6 dB (mask 69%) and 23.1 > 18.5 dB (56%)
     assert outside > inside
