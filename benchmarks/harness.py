@@ -121,10 +121,28 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+MET, MISSED, WITHIN_NOISE = "yes", "**no**", "within noise"
+VERDICT_RULE = (
+    "met: yes when every round's ratio is within the target, **no** when no round is, within noise when the "
+    "min–max straddles the target (the rounds cannot tell, whatever the median says)."
+)
+
+
+def verdict(ratio_min: float, ratio_max: float, target: float) -> str:
+    """Whether the rounds resolve a target: met when every round's ratio is within it, missed when none is,
+    else within noise (the spread straddles the target, whatever the median says)."""
+    if ratio_max <= target:
+        return MET
+    if ratio_min > target:
+        return MISSED
+    return WITHIN_NOISE
+
+
 def markdown_table(
     title: str, results: list[Result], targets: dict[str, float] | None = None, unit: str = "step"
 ) -> str:
-    """Results as a Markdown table; a case with a target shows whether it met it. ``unit``: what one timing covers."""
+    """Results as a Markdown table; a case with a target shows :func:`verdict` on it. ``unit``: what one timing
+    covers."""
     targets = targets or {}
     lines = [
         f"**{title}**",
@@ -135,7 +153,7 @@ def markdown_table(
     for r in results:
         peak = "—" if r.peak_mb is None else f"{r.peak_mb:,.0f} MB ({r.peak_ratio:.2f}×)"
         target = targets.get(r.name)
-        met = "" if target is None else ("yes" if r.ratio <= target else "**no**")
+        met = "" if target is None else verdict(r.ratio_min, r.ratio_max, target)
         lines.append(
             f"| {r.name} | {r.median_s * 1000:,.1f} ms | {r.ratio:.3f} ({r.ratio_min:.3f}–{r.ratio_max:.3f}) | {peak} | "
             f"{'' if target is None else f'≤{target:.2f}'} | {met} |"

@@ -25,7 +25,7 @@ import torch
 import promptcontrol as pc
 
 from .cases import TARGETS, Entry, compiled_cases, cpu_peak_bytes, make_bench, step_cases
-from .harness import Result, compare, machine
+from .harness import MET, MISSED, VERDICT_RULE, Result, compare, machine, verdict
 
 
 def rebase(results: list[Result], entries: list[Entry]) -> list[Result]:
@@ -68,7 +68,7 @@ def table(title: str, results: list[Result], entries: list[Entry], unit: str) ->
             lines.append(f"| *{group}* | | | | | |")
         peak = "—" if r.peak_mb is None else f"{r.peak_mb:,.0f} MB ({r.peak_ratio:.2f}×)"
         target = TARGETS.get(entry.target) if entry.target else None
-        met = "" if target is None else ("yes" if r.ratio <= target else "**no**")
+        met = "" if target is None else verdict(r.ratio_min, r.ratio_max, target)
         lines.append(
             f"| {r.name} | {r.median_s * 1000:,.1f} ms | {r.ratio:.3f} ({r.ratio_min:.3f}–{r.ratio_max:.3f}) | {peak} | "
             f"{'' if target is None else f'≤{target:.2f}'} | {met} |"
@@ -108,6 +108,14 @@ def run_model(model: str, size: int, args, dtype: torch.dtype) -> tuple[str, dic
     return text, payload
 
 
+def _colour(row: dict) -> str:
+    """Bar colour of a results row: grey without a target, else green met / red missed / orange within noise."""
+    if row["target"] is None:
+        return "tab:gray"
+    label = verdict(row["ratio_min"], row["ratio_max"], row["target"])
+    return {MET: "tab:green", MISSED: "tab:red"}.get(label, "tab:orange")
+
+
 def plot(json_path: str, png_path: str) -> None:
     """Ratios to stock with their min–max and the targets, one bar per case, from a results JSON (small PNG)."""
     import matplotlib
@@ -121,15 +129,15 @@ def plot(json_path: str, png_path: str) -> None:
     y = range(len(rows))[::-1]
     ratios = [r["ratio"] for r in rows]
     errors = [[r["ratio"] - r["ratio_min"] for r in rows], [r["ratio_max"] - r["ratio"] for r in rows]]
-    colors = ["tab:gray" if r["target"] is None else ("tab:green" if r["ratio"] <= r["target"] else "tab:red")
-              for r in rows]
+    colors = [_colour(r) for r in rows]
     ax.barh(list(y), [x - 1 for x in ratios], left=1, xerr=errors, color=colors, capsize=2, height=0.6)
     for yi, r in zip(y, rows):
         if r["target"] is not None:
             ax.plot([r["target"]] * 2, [yi - 0.35, yi + 0.35], color="black", lw=1.5)
     ax.axvline(1, color="black", lw=0.8)
     ax.set_yticks(list(y), [r["name"].split(" (")[0] for r in rows], fontsize=8)
-    ax.set_xlabel("time ratio to stock on the same rows (median, min–max); | = target", fontsize=8)
+    ax.set_xlabel("time ratio to stock on the same rows (median, min–max); | = target\n"
+                  "green: all rounds within it, orange: within noise, red: no round within it", fontsize=8)
     title = data["tables"][0]["title"].split(" — ")[0] + f", {data['machine']}"
     ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> str:
     device_name = "cuda" if args.device.startswith("cuda") else args.device
     out = Path(f"{args.out}-{device_name}-{args.dtype}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    markdown = "\n\n".join([f"Machine: {machine()}", *tables, growth_line])
+    markdown = "\n\n".join([f"Machine: {machine()}", *tables, VERDICT_RULE, growth_line])
     out.with_suffix(".md").write_text(markdown + "\n")
     out.with_suffix(".json").write_text(
         json.dumps({"machine": machine(), "args": vars(args), "tables": payloads, "store_bytes": growth}, indent=2)
