@@ -29,7 +29,7 @@ class ToyConfig:
     """Every size of the toy model. Defaults are the shipped model."""
 
     image_size: int = 32
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels → latent = image / 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels → latent = image / 4; (32, 64): image / 2 (16×16)
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (64, 128)  # cross-attention at 8² and 4² (and the 4² mid block)
     unet_layers_per_block: int = 1

@@ -7,7 +7,9 @@ Two stages, one state file (``<ckpt-dir>/state.pt``), resumable at any chunk bou
 2. ``diffusion``: UNet and text encoder jointly from scratch (v-prediction on a zero-terminal-SNR schedule —
    see ``model.build_scheduler`` for why —, loss weights capped at high SNR, AdamW, warm-up then cosine decay,
    EMA of the weights, 10 % empty captions for classifier-free guidance). ``--init-from`` starts the stage from
-   another run's weights and latent cache instead (e.g. to move an ε-prediction run to the v schedule).
+   another run's weights and latent cache instead (e.g. to move an ε-prediction run to the v schedule);
+   ``--init-weights`` starts the UNet and text encoder from a saved pipeline folder of the same parameter shapes
+   and trains a VAE of this run's shape (e.g. ``--vae-channels 32,64``: a 16×16 latent) first.
 
 Text-encoder padding: the stock pipeline always pads the prompt to 77 tokens with the end token, and a
 causal text encoder lets those padding positions summarise the whole caption, so the UNet learns to read
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pad-fix", action="store_true", help="feed the UNet the real padding states (ablation)")
     p.add_argument("--text-layers", type=int, default=None, help="text encoder depth (new runs only)")
     p.add_argument("--unet-channels", default=None, help="e.g. 64,128 (new runs only)")
+    p.add_argument("--vae-channels", default=None,
+                   help="VAE widths, one per level, e.g. 32,64: 2 levels → a 16×16 latent for 32-px images "
+                        "(new runs only; default 32,64,64: 3 levels → 8×8)")
+    p.add_argument("--init-weights", default=None, metavar="PIPELINE_DIR",
+                   help="new runs only: start the UNet and text encoder from a saved pipeline folder of the same "
+                        "shapes (e.g. promptcontrol/assets/toy-sd); the VAE and its latent cache are made here")
     p.add_argument("--prediction", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts (new runs only; default v_prediction)")
     p.add_argument("--sd1-schedule", action="store_true",
@@ -83,7 +92,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
     if args.minutes <= 0:
         p.error("--minutes must be > 0")
+    if args.init_from and args.init_weights:
+        p.error("--init-from (another run's state, VAE included) and --init-weights (a pipeline's UNet and text "
+                "encoder, new VAE) exclude each other: pass one")
+    for name in ("unet_channels", "vae_channels"):
+        if getattr(args, name) is not None:
+            setattr(args, name, parse_widths(p, "--" + name.replace("_", "-"), getattr(args, name)))
+    if args.vae_channels is not None and ToyConfig.image_size % 2 ** (len(args.vae_channels) - 1):
+        p.error(f"--vae-channels: {len(args.vae_channels)} levels do not divide the {ToyConfig.image_size}-px image")
     return args
+
+
+def parse_widths(p: argparse.ArgumentParser, option: str, text: str) -> tuple[int, ...]:
+    """'64,128' → (64, 128); every width a positive multiple of the norm groups (GroupNorm needs it)."""
+    groups = ToyConfig.norm_groups
+    try:
+        widths = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        p.error(f"{option} takes comma-separated integers like 32,64, got {text!r}")
+    if not widths or any(c <= 0 or c % groups for c in widths):
+        p.error(f"{option}: every width must be a positive multiple of {groups} (the norm groups), got {text!r}")
+    return widths
 
 
 # --------------------------------------------------------------------------- state
@@ -117,9 +146,13 @@ class Trainer:
             if args.text_layers is not None:
                 cfg.text_layers = args.text_layers
             if args.unet_channels:
-                cfg.unet_channels = tuple(int(c) for c in args.unet_channels.split(","))
+                cfg.unet_channels = args.unet_channels
                 cfg.unet_heads = tuple(max(1, c // 32) for c in cfg.unet_channels)
+            if args.vae_channels:
+                cfg.vae_channels = args.vae_channels
             self.state = {"config": cfg.to_dict(), "stage": "vae", "vae_step": 0, "step": 0, "seed": args.seed}
+            if args.init_weights:
+                self.state["init_weights"] = str(args.init_weights)
             if init:
                 self.state.update(stage="diffusion", vae_step=init["vae_step"], vae=init["vae"], unet=init["unet"],
                                   te=init["te"], init_from=str(args.init_from), init_step=init["step"])
@@ -148,6 +181,9 @@ class Trainer:
                 getattr(self, name).load_state_dict(self.state[name])
         if init is not None and "ema" in init:  # start from the other run's exported (EMA) weights
             load_ema([self.unet, self.te], init["ema"])
+        if "unet" not in self.state and args.init_weights:  # a new run: the pipeline's weights, kept by save()
+            load_pipeline_weights(self.unet, self.te, Path(args.init_weights))
+            log(f"UNet and text encoder start from {args.init_weights}")
         self.scheduler = build_scheduler(self.cfg)
         self.t0 = time.time()
 
@@ -343,6 +379,31 @@ def load_ema(modules: list[torch.nn.Module], ema: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
+
+
+PIPELINE_WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors", "text encoder": "text_encoder/model.safetensors"}
+
+
+def load_pipeline_weights(unet: torch.nn.Module, te: torch.nn.Module, folder: Path) -> None:
+    """Copy the UNet and text-encoder weights of a saved pipeline folder into the modules (cast to their dtype).
+
+    The UNet's parameter shapes do not depend on the latent size, so a model trained on 8×8 latents can start
+    one on 16×16 latents if channels, heads and text width match; anything else is refused by name."""
+    for (part, rel), module in zip(PIPELINE_WEIGHTS.items(), (unet, te)):
+        path = Path(folder) / rel
+        if not path.is_file():
+            raise SystemExit(f"--init-weights {folder}: no {part} weights at {path} (expected a pipeline folder "
+                             "written by save_pretrained with safetensors)")
+        weights = safetensors.torch.load_file(str(path))
+        own = module.state_dict()
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        wrong = [f"{k} {tuple(weights[k].shape)} there, {tuple(own[k].shape)} here"
+                 for k in own if k in weights and weights[k].shape != own[k].shape]
+        if missing or extra or wrong:
+            raise SystemExit(f"--init-weights {folder}: its {part} does not fit this run's shape "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]}, shapes {wrong[:3]}): pass the "
+                             "--unet-channels / --text-layers of that model")
+        module.load_state_dict(weights)
 
 
 def write_pipeline(pipe, out: Path, tokenizer_src: Path = TOKENIZER) -> None:
