@@ -8,6 +8,7 @@ optional equalizer on the edited prompts (``reweight``) and an optional :class:`
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -145,6 +146,51 @@ def _reweight_controller(reweight, edits: list[str], tokenizer):
     raise TypeError(f"reweight must be a dict {{word: weight}}, a list of them (one per edit) or a pc.Reweight, got {reweight!r}")
 
 
+def _edit_prompts(edits: Any) -> list[str]:
+    """``edits`` as a non-empty list of prompt strings; ``TypeError`` naming the argument for anything else."""
+    if isinstance(edits, str):
+        return [edits]
+    if not isinstance(edits, (list, tuple)):
+        raise TypeError(
+            f"pc.edit: edits must be a prompt (str) or a list/tuple of prompts, got {type(edits).__name__}: {edits!r}"
+        )
+    bad = [f"item {i}: {type(e).__name__}" for i, e in enumerate(edits) if not isinstance(e, str)]
+    if bad:
+        raise TypeError(f"pc.edit: every edit must be a prompt string; got {', '.join(bad)} in {edits!r}")
+    if not edits:
+        raise ValueError("pc.edit: edits is empty; give one edited prompt or a list of them")
+    return list(edits)
+
+
+def _warn_unseen_edits(tokenizer, source: str, edits: list[str]) -> None:
+    """Warn about edited prompts that differ from the source only past the tokenizer's limit (the text encoder
+    never sees the change, so the edit changes nothing)."""
+    if tokenizer is None:
+        return
+    limit = int(getattr(tokenizer, "model_max_length", 77))
+
+    def ids(text: str) -> tuple[list[int], list[int]]:
+        """(every token id, the ids the text encoder sees: cut to ``limit``, end token kept)."""
+        full = list(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+        return full, (full if len(full) <= limit else full[: limit - 1] + full[-1:])
+
+    source_full, source_seen = ids(source)
+    for index, prompt in enumerate(edits, start=1):
+        full, seen = ids(prompt)
+        if seen == source_seen and full != source_full:
+            warnings.warn(
+                f"pc.edit: edited prompt {index} ({_short(prompt)}) differs from the source only past the "
+                f"tokenizer's limit of {limit} tokens, which the text encoder never sees: this edit changes "
+                "nothing (its image equals the source's but for reweight/blend); move the change into the first "
+                f"{limit - 2} tokens or shorten the prompts",
+                stacklevel=3,
+            )
+
+
+def _short(prompt: str, limit: int = 60) -> str:
+    return repr(prompt if len(prompt) <= limit else f"…{prompt[-limit:]}")
+
+
 def starting_noise(pipe, count: int, seed: int | None, pipe_kwargs: dict) -> torch.Tensor:
     """Latents ``(count * images_per_prompt, C, h, w)``: one draw repeated for every prompt (same layout start)."""
     per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
@@ -193,13 +239,12 @@ def edit(
         source, inverted = prepare_inversion_edit(pipe, source, pipe_kwargs)
     if not isinstance(source, str):
         raise TypeError(f"source must be a prompt string, got {type(source).__name__}")
-    edits = [edits] if isinstance(edits, str) else list(edits)
-    if not edits or not all(isinstance(e, str) for e in edits):
-        raise ValueError(f"edits must be a prompt or a non-empty list of prompts, got {edits!r}")
+    edits = _edit_prompts(edits)
     for reserved in ("prompt", "prompt_embeds"):
         if reserved in pipe_kwargs:
             raise TypeError(f"pc.edit builds the prompt batch itself; do not pass {reserved}=")
     prompts = [source, *edits]
+    _warn_unseen_edits(getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None), source, edits)
     controllers: list[Any] = [AutoEdit(cross_steps, mode=mode)]
     if not window(self_steps, "self_steps").is_empty:
         controllers.append(InjectSelf(self_steps, levels=self_levels))

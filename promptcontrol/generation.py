@@ -23,7 +23,7 @@ import torch
 
 from .context import StepContext
 from .controllers.base import Controller
-from .controllers.reweight import Reweight
+from .controllers.reweight import MODES, Reweight
 from .prompt_syntax import ParsedPrompt, parse_prompt
 from .session import control
 from .sites import AttentionSite
@@ -116,7 +116,26 @@ def _prompts(prompt: Any, name: str) -> list[str]:
     return prompts
 
 
-def _parse_negative(negative: Any, compel: bool, tokenizer) -> tuple[Any, list[dict[int, float]] | None]:
+def _check_mode(mode: Any) -> None:
+    """``ValueError`` listing the modes for anything else (checked on every call, weights or not)."""
+    if mode not in MODES:
+        raise ValueError(f"generate: mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+
+
+def _check_weights_for_mode(parsed: ParsedPrompt, mode: str) -> None:
+    """Negative weights cannot act under ``mode="softmax"`` (it adds ``log w``): name the words that carry them."""
+    if mode != "softmax":
+        return
+    for span in parsed.spans:
+        if span.weight < 0:
+            raise ValueError(
+                f"generate: {span.text.strip()!r} has the weight {span.weight:g} in the prompt {parsed.source!r}, but "
+                "mode='softmax' adds log(weight) to the logits and needs weights >= 0; use mode='attention' for "
+                "negative weights, or a weight of 0 to remove the word"
+            )
+
+
+def _parse_negative(negative: Any, compel: bool, tokenizer, mode: str) -> tuple[Any, list[dict[int, float]] | None]:
     """(plain negative prompt(s) for the pipeline, token weights per negative prompt or ``None`` when unweighted).
 
     Weights act on the unconditional rows, as A1111 weights its negative prompt. Prompt editing in a negative
@@ -127,6 +146,8 @@ def _parse_negative(negative: Any, compel: bool, tokenizer) -> tuple[Any, list[d
     parsed = [parse_prompt(p, compel=compel) for p in _prompts(negative, "negative_prompt")]
     if any(p.is_scheduled for p in parsed):
         warnings.warn("generate: prompt editing in the negative prompt is not applied (its first step is used)", stacklevel=3)
+    for p in parsed:
+        _check_weights_for_mode(p, mode)
     plain = [p.prompt for p in parsed]
     weights = [p.token_weights(tokenizer) for p in parsed]
     return (plain[0] if isinstance(negative, str) else plain), (weights if any(weights) else None)
@@ -177,6 +198,7 @@ def generate(
     ``output_type="latent"``. Works with SD 1.x / 2.x and SDXL pipelines (SDXL's two tokenizers share token
     positions; ``prompt_2`` passes through as given).
     """
+    _check_mode(mode)
     for taken in ("prompt_embeds", "pooled_prompt_embeds"):
         if pipe_kwargs.get(taken) is not None:
             raise ValueError(f"generate parses prompt text; call the pipeline directly to pass {taken}")
@@ -187,7 +209,7 @@ def generate(
         raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
     if seed is not None and pipe_kwargs.get("generator") is None:
         pipe_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
-    pipe_kwargs["negative_prompt"], negative_weights = _parse_negative(negative_prompt, compel, tokenizer)
+    pipe_kwargs["negative_prompt"], negative_weights = _parse_negative(negative_prompt, compel, tokenizer, mode)
 
     controllers: list[Controller] = []
     weights_cache: dict[tuple, dict[int, float]] = {}
@@ -195,6 +217,7 @@ def generate(
     def weights_of(p: ParsedPrompt) -> dict[int, float]:
         key = (p.prompt, p.spans)
         if key not in weights_cache:
+            _check_weights_for_mode(p, mode)
             weights_cache[key] = p.token_weights(tokenizer)
         return weights_cache[key]
 

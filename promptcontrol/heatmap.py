@@ -4,19 +4,23 @@ How a word's map is made (every step is a parameter of :func:`build_heatmaps` / 
 
 1. **Per site**: the mean of the recorded attention maps over steps and heads (``(K, h, w)``; at every position the
    K token values sum to 1). ``steps=`` (needs ``per_step=True``) and ``heads=`` (needs ``per_head=True``) restrict
-   the mean; ``places=``, ``levels=`` and ``sites=`` choose the sites.
+   the mean; ``places=``, ``levels=`` and ``sites=`` choose the sites. By default every recorded site but the mid
+   block's (as DAAM, whose hooks skip it): on the embedded model its colour-word maps are poor (see
+   ``docs/inspect.md``). It stays when nothing else was recorded, when ``places=``/``sites=`` name it, and for
+   ``per_step="level"`` recordings (whose per-step maps mix every site of a level).
 2. **Per level** (resolution): the plain mean of the site maps of that level, at the level's own resolution.
 3. **Across levels**: each level's map is upsampled to the output size and the levels are averaged with weights
    set by ``weighting``: ``"level"`` (default) — every level counts the same, so SDXL's sixty 32×32 layers do not
    outvote its ten 64×64 ones; ``"resolution"`` — weight ∝ the level's grid h·w, i.e. 4^-level (favours the
-   sharp maps); ``"layer"`` — every
-   site counts the same (DAAM's rule); or a ``{level: weight}`` dict. Weights are normalised to sum to 1.
+   sharp maps); ``"layer"`` — every site counts the same; or a ``{level: weight}`` dict. Weights are normalised to
+   sum to 1. (DAAM 0.2 averages every (site, head) pair: ``{level: heads summed over the level's sites}``.)
 4. **Word**: the sum of the token maps of the word's token positions (a multi-token word such as
    "photorealistic" is the union of its pieces; a phrase the union of its words; a repeated word all its
-   occurrences unless ``occurrence=`` picks one). Token sums commute with the (linear) upsampling.
+   occurrences unless ``occurrence=`` picks one). Each token is upsampled on its own, so a word's map is exactly
+   the sum of its tokens' maps.
 5. **Upsampling**: ``torch.nn.functional.interpolate`` to the image's pixel size (height × width, any aspect),
-   ``interpolation="bilinear"`` (default; keeps values in range) or ``"bicubic"`` (sharper; clamped at 0),
-   ``align_corners=False``.
+   ``interpolation="bicubic"`` (default, as DAAM; sharper; each token map clamped at 0) or ``"bilinear"`` (a convex
+   mix: the token values still sum to 1 at every pixel), ``align_corners=False``.
 6. **Normalisation** ``normalize=``: ``"word"`` (default) — each map min-max scaled to [0, 1] on its own;
    ``"global"`` — every map divided by the largest value over the prompt's word maps, so words can be compared
    (0 stays 0; a phrase, being a sum of words, can exceed 1); ``None`` — the raw attention mass (mean
@@ -98,11 +102,11 @@ def upsample(maps: torch.Tensor, size: tuple[int, int], interpolation: str = "bi
 
 
 def combine(levels: list[Level], positions: Iterable[int], size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """Raw map (H, W): sum over levels of weight × upsampled sum of the token maps at ``positions``."""
+    """Raw map (H, W): sum over levels of weight × the sum of the upsampled token maps at ``positions``."""
     positions = list(positions)
     out = torch.zeros(size, dtype=torch.float32)
     for weight, m in levels:
-        out += weight * upsample(m[positions].sum(dim=0, keepdim=True), size, interpolation)[0]
+        out += weight * upsample(m[positions], size, interpolation).sum(dim=0)  # (n, H, W) -> (H, W)
     return out
 
 
@@ -284,7 +288,7 @@ class HeatMaps:
         tokens: PromptTokens,
         size: tuple[int, int],
         *,
-        interpolation: str = "bilinear",
+        interpolation: str = "bicubic",
         normalize: str | None = "word",
         sites: list[AttentionSite] | None = None,
         steps: list[int] | None = None,
@@ -544,6 +548,12 @@ def _site_selection(sites, places, levels) -> Callable[[AttentionSite], bool]:
     return keep
 
 
+def without_mid_block(sites: list[AttentionSite]) -> list[AttentionSite]:
+    """The default site choice: ``sites`` but the mid block's, unless the mid block is all there is."""
+    rest = [s for s in sites if s.place != "mid"]
+    return rest or sites
+
+
 def _level_step_maps(store, index: int, chosen: list[AttentionSite], steps: list[int], weighting) -> list[Level]:
     """Levels from per-level step maps (``per_step="level"``): each level's stored mean, weighted as usual."""
     groups: dict[int, list[torch.Tensor]] = {}
@@ -555,6 +565,31 @@ def _level_step_maps(store, index: int, chosen: list[AttentionSite], steps: list
         groups[level] = [m] * n  # the same mean once per site, so that weighting="layer" counts sites
     weights = level_weights(groups, weighting)
     return [(weights[lv], maps[0]) for lv, maps in sorted(groups.items()) if weights[lv] > 0]
+
+
+def _listing(words: Iterable[str]) -> str:
+    """Each text once (first spelling, ignoring case), quoted, in prompt order."""
+    unique: dict[str, str] = {}
+    for w in words:
+        unique.setdefault(w.lower(), w)
+    return ", ".join(repr(w) for w in unique.values())
+
+
+def truncation_message(tokens: PromptTokens) -> str:
+    """What the token limit cut from a prompt's maps: words with no token left (no map), later occurrences of
+    words that keep a map, and words cut partly (their map holds only the tokens before the limit)."""
+    mapped = {w.text.lower() for w in tokens.words if w.tokens}
+    gone = [w.text for w in tokens.truncated if not w.tokens and w.text.lower() not in mapped]
+    repeats = [w.text for w in tokens.truncated if not w.tokens and w.text.lower() in mapped]
+    partly = [w.text for w in tokens.truncated if w.tokens]
+    parts = []
+    if gone:
+        parts.append(f"the words cut off have no map: {_listing(gone)}")
+    if repeats:
+        parts.append(f"occurrences past the limit are not in the maps of {_listing(repeats)} (their earlier ones are)")
+    if partly:
+        parts.append(f"cut partly, mapped by their tokens before the limit only: {_listing(partly)}")
+    return f"the prompt is longer than the tokenizer's limit of {tokens.max_length} tokens; " + "; ".join(parts)
 
 
 def build_heatmaps(
@@ -570,14 +605,15 @@ def build_heatmaps(
     sites=None,
     weighting: str | dict[int, float] = "level",
     size: int | tuple[int, int] | None = None,
-    interpolation: str = "bilinear",
+    interpolation: str = "bicubic",
     normalize: str | None = "word",
 ) -> HeatMaps:
     """The :class:`HeatMaps` of recorded image ``image_index`` (see the module docstring for each choice).
 
     ``prompt``: needed when the pipeline got embeddings only (else the image's own prompt is used).
-    ``size``: output (height, width) or one int for a square; default the image's pixel size
-    (latent size × the VAE's scale factor).
+    ``places`` / ``sites``: default every recorded site but the mid block's (:func:`without_mid_block`);
+    ``places=("down", "mid", "up")`` takes it too. ``size``: output (height, width) or one int for a square;
+    default the image's pixel size (latent size × the VAE's scale factor).
     """
     image = store.image(image_index)
     if interpolation not in INTERPOLATION:
@@ -595,12 +631,7 @@ def build_heatmaps(
         raise ValueError("no tokenizer: pass heatmaps(tokenizer=...) (a bare UNet session has none of its own)")
     tokens = tokenize(tokenizer, text)
     if tokens.truncated:
-        cut = ", ".join(repr(w.text) for w in tokens.truncated)
-        warnings.warn(
-            f"the prompt is longer than the tokenizer's limit of {tokens.max_length} tokens; the words cut off "
-            f"have no map: {cut}",
-            stacklevel=3,
-        )
+        warnings.warn(truncation_message(tokens), stacklevel=3)
     if image.prompt_2 is not None and prompt is None and image.prompt_2 != image.prompt:
         warnings.warn(
             "this SDXL image had a different prompt_2; its token positions mix both prompts, and the word maps "
@@ -609,6 +640,8 @@ def build_heatmaps(
         )
     keep = _site_selection(sites, None if places is None else tuple(places), None if levels is None else tuple(levels))
     chosen = [s for s in store.recorded_sites(image.index) if keep(s)]
+    if places is None and sites is None and store.per_step != "level":
+        chosen = without_mid_block(chosen)
     if not chosen:
         recorded = sorted({(s.place, s.level) for s in store.recorded_sites(image.index)})
         raise ValueError(f"no recorded site matches places={places}, levels={levels}, sites={sites}; recorded (place, level): {recorded}")

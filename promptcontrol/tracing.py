@@ -61,10 +61,10 @@ class Trace:
         """Per-word :class:`HeatMaps` of recorded image ``image_index`` at that image's size.
 
         Options (all documented in :mod:`promptcontrol.heatmap`): ``prompt`` (required when the pipeline got
-        embeddings only), ``steps`` (needs ``per_step=True``), ``heads`` (needs ``per_head=True``), ``places``,
-        ``levels``, ``sites``, ``weighting`` (``"level"`` default, ``"resolution"``, ``"layer"`` or a dict),
-        ``size``, ``interpolation`` (``"bilinear"`` default or ``"bicubic"``), ``normalize`` (``"word"`` default,
-        ``"global"`` or ``None``), ``tokenizer``.
+        embeddings only), ``steps`` (needs ``per_step=True``), ``heads`` (needs ``per_head=True``), ``places``
+        (default: every recorded place but the mid block), ``levels``, ``sites``, ``weighting`` (``"level"``
+        default, ``"resolution"``, ``"layer"`` or a dict), ``size``, ``interpolation`` (``"bicubic"`` default or
+        ``"bilinear"``), ``normalize`` (``"word"`` default, ``"global"`` or ``None``), ``tokenizer``.
         """
         return build_heatmaps(self.store, image_index, **options)
 

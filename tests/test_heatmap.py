@@ -31,14 +31,21 @@ def fake_site(level, i=0):
     return AttentionSite(f"s{level}.{i}", "cross", "up", 0, i, 0, level, 2)
 
 
-def reference_map(tr, image, positions, size, weights_rule="level", sites=None):
-    """Σ_levels w_l · bilinear(mean over the level's sites of Σ_positions token maps), written out here."""
+def upsampled(maps, size, mode):
+    """Σ over tokens of each token map (n, h, w) upsampled to ``size`` (bicubic: each clamped at 0)."""
+    out = F.interpolate(maps[None], size=size, mode=mode, align_corners=False)[0]
+    return (out.clamp_min(0) if mode == "bicubic" else out).sum(dim=0)
+
+
+def reference_map(tr, image, positions, size, weights_rule="level", sites=None, mode="bicubic"):
+    """Σ_levels w_l · upsample(mean over the level's sites of the token maps), summed over the positions, written
+    out here; by default every site but the mid block's."""
     store = tr.store
     by_level = {}
     for site in store.recorded_sites(image):
-        if sites is not None and site.key not in sites:
+        if (sites is not None and site.key not in sites) or (sites is None and site.place == "mid"):
             continue
-        m = store.site_map(image, site)[positions].sum(dim=0)
+        m = store.site_map(image, site)[list(positions)]  # (n, h, w)
         by_level.setdefault(site.level, []).append(m)
     if weights_rule == "level":
         w = {lv: 1 / len(by_level) for lv in by_level}
@@ -47,8 +54,7 @@ def reference_map(tr, image, positions, size, weights_rule="level", sites=None):
         w = {lv: len(v) / n for lv, v in by_level.items()}
     out = torch.zeros(size)
     for lv, maps in by_level.items():
-        mean = torch.stack(maps).mean(dim=0)
-        out += w[lv] * F.interpolate(mean[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        out += w[lv] * upsampled(torch.stack(maps).mean(dim=0), size, mode)
     return out
 
 
@@ -83,9 +89,28 @@ def test_word_map_equals_reference_from_site_maps(traced):
 
 def test_all_tokens_sum_to_one_everywhere(traced):
     tr, _ = traced
-    maps = tr.heatmaps(0, normalize=None)
+    maps = tr.heatmaps(0, normalize=None, interpolation="bilinear")
     total = maps.raw(range(maps.num_tokens))  # bilinear interpolation keeps each pixel a convex mix
     torch.testing.assert_close(total, torch.ones(32, 48), atol=1e-5, rtol=0)
+    bicubic = tr.heatmaps(0, normalize=None)  # the default: sharper, every token map clamped at 0
+    assert float(bicubic.raw(range(bicubic.num_tokens)).min()) > 0.5
+
+
+def test_default_sites_leave_out_the_mid_block(traced, sd15):
+    tr, _ = traced
+    recorded = tr.store.recorded_sites(0)
+    mid = [s.key for s in recorded if s.place == "mid"]
+    assert mid, "the tiny UNet has a mid-block cross-attention site"
+    maps = tr.heatmaps(0, normalize=None)
+    assert [s.key for s in maps.sites] == [s.key for s in recorded if s.place != "mid"]
+    every = tr.heatmaps(0, places=("down", "mid", "up"), normalize=None)
+    assert [s.key for s in every.sites] == [s.key for s in recorded]
+    pos = maps.tokens.positions("red")
+    torch.testing.assert_close(every["red"].tensor, reference_map(tr, 0, pos, (32, 48), sites={s.key for s in recorded}))
+    assert [s.key for s in tr.heatmaps(0, sites=mid).sites] == mid  # named sites are taken as given
+    with pc.trace(sd15, places=["mid"]) as only_mid:  # nothing else recorded: the mid block stays
+        sd15("a red circle", num_inference_steps=2, output_type="latent")
+    assert [s.key for s in only_mid.heatmaps(0).sites] == mid
 
 
 def test_selection_by_place_level_and_site(traced):
@@ -142,18 +167,24 @@ def test_normalisation_rules(traced):
 
 def test_size_and_interpolation(traced):
     tr, _ = traced
-    big = tr.heatmaps(0, size=(40, 100), interpolation="bicubic", normalize=None)
-    pos = big.tokens.positions("red")
-    m = big["red"].tensor
+    big = tr.heatmaps(0, size=(40, 100), normalize=None)
+    assert big.interpolation == "bicubic"
+    pos = big.tokens.positions("blue-green")
+    m = big["blue-green"].tensor
     assert m.shape == (40, 100) and float(m.min()) >= 0.0
     ref = torch.zeros(40, 100)
     by_level = {}
     for s in tr.store.recorded_sites(0):
-        by_level.setdefault(s.level, []).append(tr.store.site_map(0, s)[pos].sum(0))
+        if s.place != "mid":
+            by_level.setdefault(s.level, []).append(tr.store.site_map(0, s)[pos])
     for maps in by_level.values():
-        ref += 0.5 * F.interpolate(torch.stack(maps).mean(0)[None, None], size=(40, 100), mode="bicubic",
-                                   align_corners=False)[0, 0].clamp_min(0)
+        ref += 0.5 * sum(
+            F.interpolate(torch.stack(maps).mean(0)[p][None, None], size=(40, 100), mode="bicubic",
+                          align_corners=False)[0, 0].clamp_min(0) for p in range(len(pos))
+        )  # each token upsampled and clamped on its own, then summed
     torch.testing.assert_close(m, ref, atol=1e-6, rtol=1e-5)
+    bilinear = tr.heatmaps(0, size=(40, 100), interpolation="bilinear", normalize=None)
+    torch.testing.assert_close(bilinear["blue-green"].tensor, reference_map(tr, 0, pos, (40, 100), mode="bilinear"))
     with pytest.raises(ValueError, match="interpolation"):
         tr.heatmaps(0, interpolation="nearest")
 
@@ -164,9 +195,9 @@ def test_steps_after_the_run_and_strip(traced):
     pos = maps.tokens.positions("red")
     by_level = {}
     for s in tr.store.recorded_sites(0):
-        by_level.setdefault(s.level, []).append(tr.store.image(0).run.step_maps[2][s.key][0].float()[pos].sum(0))
-    ref = sum(0.5 * F.interpolate(torch.stack(v).mean(0)[None, None], size=(32, 48), mode="bilinear",
-                                  align_corners=False)[0, 0] for v in by_level.values())
+        if s.place != "mid":
+            by_level.setdefault(s.level, []).append(tr.store.image(0).run.step_maps[2][s.key][0].float()[pos])
+    ref = sum(0.5 * upsampled(torch.stack(v).mean(0), (32, 48), "bicubic") for v in by_level.values())
     torch.testing.assert_close(maps["red"].tensor, ref, atol=1e-6, rtol=1e-5)
     frames = tr.heatmaps(0).step_maps("red")
     assert [s for s, _ in frames] == [0, 1, 2]
@@ -251,9 +282,9 @@ def test_steps_from_per_level_step_maps(sd15):
     maps = tr.heatmaps(0, steps=[1, 2], normalize=None)
     pos = maps.tokens.positions("circle")
     ref = torch.zeros(32, 32)
-    for level in (0, 1):
-        mean = torch.stack([tr.store.image(0).run.level_steps[s][level][0] for s in (1, 2)]).mean(0)[pos].sum(0)
-        ref += 0.5 * F.interpolate(mean[None, None], size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
+    for level in (0, 1):  # per-level step maps mix every site of a level, the mid block's included
+        mean = torch.stack([tr.store.image(0).run.level_steps[s][level][0] for s in (1, 2)]).mean(0)[pos]
+        ref += 0.5 * upsampled(mean, (32, 32), "bicubic")
     torch.testing.assert_close(maps["circle"].tensor, ref, atol=1e-6, rtol=1e-5)
     assert [s for s, _ in tr.heatmaps(0).step_maps("circle")] == [0, 1, 2]
     with pytest.raises(ValueError, match="per level"):

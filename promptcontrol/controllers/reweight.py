@@ -70,18 +70,28 @@ def _check_key(key: Any) -> Key:
     )
 
 
+def _describe(key: Key) -> str:
+    """How a weight's key reads in a message: ``token position 2``, ``'red'``, ``'a' (occurrence 2)``."""
+    if isinstance(key, int):
+        return f"token position {key}"
+    if isinstance(key, tuple):
+        return f"{key[0]!r} (occurrence {key[1]})"
+    return repr(key)
+
+
 def _check_weight(key: Key, value: Any, mode: str) -> float:
+    name = _describe(key)
     if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
-        raise TypeError(f"Reweight: the weight of {key!r} must be a number, got {type(value).__name__}: {value!r}")
+        raise TypeError(f"Reweight: the weight of {name} must be a number, got {type(value).__name__}: {value!r}")
     try:
         weight = float(value)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"Reweight: the weight of {key!r} must be a single number, got {value!r}") from error
+        raise TypeError(f"Reweight: the weight of {name} must be a single number, got {value!r}") from error
     if not math.isfinite(weight):
-        raise ValueError(f"Reweight: the weight of {key!r} is {weight}; weights must be finite numbers")
+        raise ValueError(f"Reweight: the weight of {name} is {weight}; weights must be finite numbers")
     if mode == "softmax" and weight < 0:
         raise ValueError(
-            f"Reweight: the weight of {key!r} is {weight}, but mode='softmax' adds log(weight) to the logits and "
+            f"Reweight: the weight of {name} is {weight}, but mode='softmax' adds log(weight) to the logits and "
             "needs weights >= 0; use mode='attention' for negative weights"
         )
     return weight

@@ -100,6 +100,26 @@ class RecordedImage:
         return self.run.latent_hw
 
 
+def batch_mismatch(ctx: StepContext, text_rows: int) -> str:
+    """Why a UNet call's latent batch (``ctx.layout.size`` rows) and its text batch (``text_rows``) differ, and
+    what to pass instead: the pipeline repeats the prompts × images per prompt; latents are taken as given."""
+    latent_rows = ctx.layout.size
+    run = ctx.run
+    doubled = bool(run is not None and run.cfg) and latent_rows % 2 == 0 and text_rows % 2 == 0
+    seen = f"the UNet got {latent_rows} latent rows and {text_rows} text rows{', doubled for guidance' if doubled else ''}"
+    if run is None or run.prompts is None:
+        return (
+            f"batch mismatch: {seen}; give latents and prompt embeddings the same batch "
+            "(prompts × num_images_per_prompt)"
+        )
+    images = len(run.prompts) * run.images_per_prompt
+    return (
+        f"batch mismatch: {len(run.prompts)} prompt(s) × {run.images_per_prompt} image(s) per prompt = {images} "
+        f"image(s), but the latents hold {latent_rows // 2 if doubled else latent_rows} ({seen}); pass latents "
+        f"(or images) with {images} row(s), or as many prompts × num_images_per_prompt as latent rows"
+    )
+
+
 def capped_grid(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
     """(h', w') after average-pooling by the smallest integer factor that brings both sides to ``<= max_side``."""
     h, w = hw
@@ -366,6 +386,8 @@ class AttentionStore(Controller):
 
     def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor) -> None:
         """Add ``probs`` (B, heads, Q, K) of the conditional rows to this run's record."""
+        if int(probs.shape[0]) != ctx.layout.size:
+            raise ValueError(batch_mismatch(ctx, int(probs.shape[0])))
         if self._current is None:
             self._current = self._new_run(ctx)
         run = self._current
