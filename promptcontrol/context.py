@@ -9,6 +9,7 @@ that no controller ever guesses ``batch // 2``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
 
 
 @dataclass
@@ -118,3 +119,46 @@ class StepContext:
     def fraction(self) -> float | None:
         """Progress through the run in [0, 1): ``index / total``, or ``None`` when the total is unknown."""
         return None if not self.total else self.index / self.total
+
+
+def batch_mismatch(ctx: StepContext, text_rows: int) -> str:
+    """Why a UNet call's latent batch (``ctx.layout.size`` rows) and its text batch (``text_rows``) differ, and
+    what to pass instead: the pipeline repeats the prompts × images per prompt; latents are taken as given."""
+    latent_rows = ctx.layout.size
+    run = ctx.run
+    doubled = bool(run is not None and run.cfg) and latent_rows % 2 == 0 and text_rows % 2 == 0
+    seen = f"the UNet got {latent_rows} latent rows and {text_rows} text rows{', doubled for guidance' if doubled else ''}"
+    if run is None or run.prompts is None:
+        return (
+            f"batch mismatch: {seen}; give latents and prompt embeddings the same batch "
+            "(prompts × num_images_per_prompt)"
+        )
+    images = len(run.prompts) * run.images_per_prompt
+    return (
+        f"batch mismatch: {len(run.prompts)} prompt(s) × {run.images_per_prompt} image(s) per prompt = {images} "
+        f"image(s), but the latents hold {latent_rows // 2 if doubled else latent_rows} ({seen}); pass latents "
+        f"(or images) with {images} row(s), or as many prompts × num_images_per_prompt as latent rows"
+    )
+
+
+class SessionView(Protocol):
+    """What a controller and a processor may read of the session they serve (:class:`promptcontrol.Session` is
+    the implementation; this protocol keeps the arrows pointing down: controllers never import the session).
+
+    ``pipe`` (or ``None`` for a bare model), ``denoiser`` (the UNet or transformer; ``unet`` is the same object on
+    UNet pipelines), ``sites`` (every attention site), ``controllers``, ``tokenizer``, ``context`` (the current
+    :class:`StepContext`), ``hook_module``; ``patch(obj, name, value)`` changes an attribute for the session's length.
+    """
+
+    pipe: Any
+    denoiser: Any
+    sites: Sequence[Any]
+    controllers: Sequence[Any]
+    tokenizer: Any
+    context: "StepContext | None"
+    hook_module: Any
+
+    @property
+    def unet(self) -> Any: ...
+
+    def patch(self, obj: Any, name: str, value: Any) -> None: ...

@@ -226,6 +226,7 @@ def generate(
             raise ValueError("generate: prompt editing ([from:to:when]) with a separate prompt_2 is not supported")
         total = int(pipe_kwargs.get("num_inference_steps") or _default_steps(pipe))
         schedules = [p.schedule(total) for p in parsed]  # [prompt][step]
+        parsed = [schedule[0] for schedule in schedules]  # the pipeline encodes step 0 of this run
         texts: list[str] = []
         table: list[list[int | None]] = []
         for step in range(total):

@@ -118,6 +118,15 @@ def attention_probs(
     return logits.softmax(dim=-1)
 
 
+def _term_probs(term: AttentionTerm, probs: torch.Tensor) -> torch.Tensor:
+    """The probabilities a term's softmax gives: ``probs[qk_rows]``, renormalised under its logit bias."""
+    p = probs if term.qk_rows is None else probs[term.qk_rows]
+    if term.logit_bias is not None:  # softmax(l + b) = p * e^b / sum(p * e^b)
+        p = p * term.logit_bias.float().exp()[:, None, None, :]
+        p = p / p.sum(dim=-1, keepdim=True)
+    return p
+
+
 def run_plan_on_probs(
     plan: AttentionPlan,
     probs: torch.Tensor,  # (B, heads, Q, K) float32, each row's own attention
@@ -126,10 +135,25 @@ def run_plan_on_probs(
     """The same result as :func:`run_plan`, from already materialised probabilities (used where a recorder asked)."""
     out = None
     for term in plan.terms:
-        p = probs if term.qk_rows is None else probs[term.qk_rows]
-        if term.logit_bias is not None:  # softmax(l + b) = p * e^b / sum(p * e^b)
-            p = p * term.logit_bias.float().exp()[:, None, None, :]
-            p = p / p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p.to(value.dtype), transformed_values(term, value))
+        o = torch.matmul(_term_probs(term, probs).to(value.dtype), transformed_values(term, value))
         out = o if out is None else out + o
+    return out
+
+
+def maps_used(
+    plan: AttentionPlan,
+    probs: torch.Tensor,  # (B, heads, Q, K) float32, each row's own attention
+) -> torch.Tensor:  # (B, heads, Q, K)
+    """The attention map each row actually uses under ``plan``, so that ``maps_used(plan, p) @ v`` is the plan's
+    output: term by term the term's probabilities @ value_map, times value_scale per token."""
+    if plan.is_identity:
+        return probs
+    out = None
+    for term in plan.terms:
+        p = _term_probs(term, probs)
+        if term.value_map is not None:
+            p = torch.einsum("bhqk,bkn->bhqn", p, term.value_map.float())
+        if term.value_scale is not None:
+            p = p * term.value_scale.float()[:, None, None, :]
+        out = p if out is None else out + p
     return out

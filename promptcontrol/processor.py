@@ -8,26 +8,32 @@ softmax only when a recorder asked for it at this site and step. Fused QKV proje
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .context import SessionView
 from .controllers.base import Controller
 from .plan import IDENTITY, attention_probs, run_plan, run_plan_on_probs
 from .sites import AttentionSite
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .session import Session
 
 
 class ControlledAttnProcessor:
     """The processor installed at each controlled site for the length of a session."""
 
-    def __init__(self, session: "Session", site: AttentionSite, controllers: list[Controller]):
+    def __init__(
+        self,
+        session: SessionView,
+        site: AttentionSite,
+        controllers: list[Controller],
+        record_calls: dict[int, Callable[..., None]] | None = None,
+    ):
         self.session = session
         self.site = site
         self.controllers = controllers
+        # id(controller) -> record(site, ctx, probs, plan), from the session (which adapts older recorders once)
+        self._record = record_calls if record_calls is not None else {id(c): c.record for c in controllers}
 
     def _projections(self, attn, hidden_states, encoder_hidden_states):
         """q, k, v as (B, tokens, inner), with or without fused projections."""
@@ -67,7 +73,7 @@ class ControlledAttnProcessor:
             return run_plan(plan, query, key, value, attention_mask)
         probs = attention_probs(query, key, attention_mask)  # (B, heads, Q, K) float32
         for recorder in recorders:
-            recorder.record(self.site, ctx, probs)
+            self._record[id(recorder)](self.site, ctx, probs, plan)
         return run_plan_on_probs(plan, probs, value)
 
     def __call__(

@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 import torch
 
-from .context import RunInfo, StepContext, batch_layout
-from .controllers.base import Controller, bound_session, check_controller, claim, release
+from .context import RunInfo, StepContext, batch_layout, batch_mismatch
+from .controllers.base import Controller, bound_session, check_controller, claim, recorder_call, release
 from .processor import ControlledAttnProcessor
-from .sites import AttentionSite, attention_modules, find_sites
+from .sites import AttentionSite, attention_modules, find_sites, is_denoiser, unsupported_sites
 
 # Processors computing the same attention function as AttnProcessor2_0 (only memory/speed differ).
 _EQUIVALENT_PROCESSORS = {"AttnProcessor2_0", "FusedAttnProcessor2_0"}
@@ -41,20 +41,36 @@ class SessionError(RuntimeError):
     """A session was used in a way it cannot be (nested on the same UNet, entered twice, ...)."""
 
 
+_DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
 def _resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    """(pipeline or None, unet) from a pipeline or a bare UNet; a ``torch.compile``d UNet is unwrapped."""
-    unet = getattr(target, "unet", None)
-    unet = getattr(unet, "_orig_mod", unet)
-    if unet is not None and hasattr(unet, "attn_processors"):
-        return target, unet
+    """(pipeline or None, denoiser) from a pipeline (its ``.unet`` or ``.transformer``) or a bare denoiser; a
+    ``torch.compile``d denoiser is unwrapped."""
+    for attribute in _DENOISER_ATTRIBUTES:
+        denoiser = getattr(target, attribute, None)
+        denoiser = getattr(denoiser, "_orig_mod", denoiser)
+        if denoiser is not None and hasattr(denoiser, "attn_processors"):
+            return target, denoiser
     target = getattr(target, "_orig_mod", target)
-    if hasattr(target, "attn_processors") and hasattr(target, "down_blocks"):
+    if hasattr(target, "attn_processors") and is_denoiser(target):
         return None, target
     raise TypeError(
-        "pc.control expects a diffusers pipeline with a `.unet` (StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline, img2img, ...) or a UNet2DConditionModel; "
+        "pc.control expects a diffusers pipeline with a `.unet` (StableDiffusionPipeline, StableDiffusionXLPipeline, "
+        "img2img, ...) or a `.transformer`, or the UNet2DConditionModel / transformer itself; "
         f"got {type(target).__name__}"
     )
+
+
+def _outer_denoiser(pipe: Any, target: Any) -> Any:
+    """The module the caller calls: the pipeline's (possibly compiled) denoiser, or the target itself."""
+    if pipe is None:
+        return target
+    for attribute in _DENOISER_ATTRIBUTES:
+        outer = getattr(pipe, attribute, None)
+        if outer is not None and hasattr(getattr(outer, "_orig_mod", outer), "attn_processors"):
+            return outer
+    return target
 
 
 def _as_list(prompt: Any) -> list[str] | None:
@@ -74,18 +90,22 @@ class Session:
     """
 
     def __init__(self, target: Any, controllers: tuple[Controller, ...], *, cfg: bool | None = None, tokenizer=None):
-        self.pipe, self.unet = _resolve_target(target)
+        self.pipe, self.denoiser = _resolve_target(target)
         # The module the caller calls: a torch.compile wrapper stays outside, so the step hooks registered on it
-        # run eagerly and the compiled region holds only the UNet forward (no graph break, no per-step guards).
-        outer = getattr(self.pipe, "unet", None) if self.pipe is not None else getattr(target, "unet", target)
-        self.hook_module = outer if getattr(outer, "_orig_mod", None) is self.unet else self.unet
+        # run eagerly and the compiled region holds only the denoiser's forward (no graph break, no per-step guards).
+        outer = _outer_denoiser(self.pipe, target)
+        self.hook_module = outer if getattr(outer, "_orig_mod", None) is self.denoiser else self.denoiser
         self.controllers = _distinct([check_controller(c) for c in controllers])
-        self.sites: list[AttentionSite] = find_sites(self.unet)
+        self.sites: list[AttentionSite] = find_sites(self.denoiser)
+        unsupported = unsupported_sites(self.sites)
+        if unsupported:
+            raise NotImplementedError(unsupported)
         if not any(site.is_cross for site in self.sites):
             raise ValueError(
-                f"{type(self.unet).__name__} has no cross-attention layers: promptcontrol needs a text-conditioned "
+                f"{type(self.denoiser).__name__} has no cross-attention layers: promptcontrol needs a text-conditioned "
                 "UNet (Stable Diffusion 1.x / 2.x / SDXL)"
             )
+        self._forward = inspect.signature(self.denoiser.forward)  # binds the hook's (args, kwargs) to names
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.pipe, "tokenizer", None)
         self._cfg_forced = cfg
         self.context: StepContext | None = None
@@ -103,7 +123,7 @@ class Session:
     def __enter__(self) -> "Session":
         if self._entered:
             raise SessionError("this session was already used; call pc.control(...) again for a new one")
-        if getattr(self.unet, _ACTIVE_FLAG, False):
+        if getattr(self.denoiser, _ACTIVE_FLAG, False):
             raise SessionError(
                 "a promptcontrol session is already active on this UNet; pass all controllers to one "
                 "pc.control(pipe, *controllers) instead of nesting sessions"
@@ -126,6 +146,11 @@ class Session:
             return
         raise failure
 
+    @property
+    def unet(self):
+        """The denoiser (the name every UNet-era controller knows; a transformer on transformer pipelines)."""
+        return self.denoiser
+
     def __repr__(self) -> str:
         state = "active" if self._active else ("ended" if self._entered else "not entered")
         return f"<pc.control session on {self._target_name()}: {len(self.controllers)} controller(s), {state}>"
@@ -133,7 +158,7 @@ class Session:
     def _target_name(self) -> str:
         if self.pipe is not None:
             return f"{type(self.pipe).__name__} at {id(self.pipe):#x}"
-        return f"a bare {type(self.unet).__name__} at {id(self.unet):#x}"
+        return f"a bare {type(self.denoiser).__name__} at {id(self.denoiser):#x}"
 
     def _refuse_bound_controllers(self) -> None:
         """A controller bound to another active session would be rebound, breaking that session: refuse it."""
@@ -155,21 +180,22 @@ class Session:
 
     def _install(self) -> None:
         self._push_undo("the session marker on the UNet", self._clear_unet_marker)
-        setattr(self.unet, _ACTIVE_FLAG, True)
+        setattr(self.denoiser, _ACTIVE_FLAG, True)
         self._active = True
-        modules = attention_modules(self.unet, self.sites)
-        current = self.unet.attn_processors
+        modules = attention_modules(self.denoiser, self.sites)
+        current = self.denoiser.attn_processors
         for controller in self.controllers:
             self._push_undo(f"the binding mark of {type(controller).__name__}", functools.partial(release, controller))
             claim(controller, self)
         for controller in self.controllers:  # bound first: applies_to may use session.sites / session.pipe
             self._push_undo(f"{type(controller).__name__}.unbind()", controller.unbind)
             controller.bind(self)
+        record_calls = {id(c): recorder_call(c) for c in self.controllers}  # older recorders adapted once
         plan: dict[str, ControlledAttnProcessor] = {}
         for site in self.sites:
             acting = [c for c in self.controllers if c.applies_to(site)]
             if acting:
-                plan[site.key] = ControlledAttnProcessor(self, site, acting)
+                plan[site.key] = ControlledAttnProcessor(self, site, acting, record_calls)
         self._check_processors({key: current[key] for key in plan})
         for key, processor in plan.items():
             self._push_undo(f"the processor of {key}", functools.partial(modules[key].set_processor, current[key]))
@@ -240,8 +266,8 @@ class Session:
         return first
 
     def _clear_unet_marker(self) -> None:
-        if hasattr(self.unet, _ACTIVE_FLAG):
-            delattr(self.unet, _ACTIVE_FLAG)
+        if hasattr(self.denoiser, _ACTIVE_FLAG):
+            delattr(self.denoiser, _ACTIVE_FLAG)
 
     def _wrap(self, obj: Any, name: str, make_wrapper) -> None:
         """Shadow ``obj.name`` by an instance attribute for the session (restored exactly afterwards)."""
@@ -249,6 +275,17 @@ class Session:
         original = getattr(obj, name)
         self._push_undo(f"{type(obj).__name__}.{name}", functools.partial(_unshadow, obj, name, previous))
         obj.__dict__[name] = make_wrapper(original)
+
+    def patch(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name = value`` for the length of the session; the session puts the old value back when it
+        ends, whatever happens (an attribute ``obj`` did not have is removed again). For controllers, in
+        :meth:`~promptcontrol.Controller.bind` or later while the session is active."""
+        if not self._active:
+            raise SessionError("session.patch works only while the session is installing or active")
+        had = name in getattr(obj, "__dict__", {})
+        previous = getattr(obj, name) if had else _MISSING
+        self._push_undo(f"{type(obj).__name__}.{name}", functools.partial(_put_back, obj, name, previous))
+        setattr(obj, name, value)
 
     # ---- run and step tracking ------------------------------------------------------------------------------
     def _wrapped_encode_prompt(self, original):
@@ -312,8 +349,10 @@ class Session:
         return len(timesteps) if timesteps is not None else None
 
     def _before_unet(self, module, args, kwargs):
-        sample = args[0] if len(args) > 0 else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        bound = self._forward.bind_partial(*args, **kwargs)
+        inputs = bound.arguments  # parameter name -> value, as the denoiser's forward names them
+        sample = next(iter(inputs.values()))  # the latents: `sample` (UNet) or `hidden_states` (transformers)
+        timestep = inputs.get("timestep")
         if self._new_run:
             self._new_run = False
             self._step = 0
@@ -335,20 +374,25 @@ class Session:
             run=run,
             run_id=self._run_id,
         )
+        text = inputs.get("encoder_hidden_states")
+        if isinstance(text, torch.Tensor) and text.ndim == 3 and int(text.shape[0]) != int(sample.shape[0]):
+            raise ValueError(batch_mismatch(self.context, int(text.shape[0])))
         for controller in self.controllers:
             controller.begin_step(self.context)
-        if any(c.uses_context for c in self.controllers):
-            ehs_in_args = len(args) > 2
-            ehs = args[2] if ehs_in_args else kwargs.get("encoder_hidden_states")
-            for controller in self.controllers:
-                if controller.uses_context:
-                    ehs = controller.transform_context(self.context, ehs)
-            if ehs_in_args:
-                args = (*args[:2], ehs, *args[3:])
-            else:
-                kwargs = {**kwargs, "encoder_hidden_states": ehs}
-            return args, kwargs
-        return None
+        changers = [c for c in self.controllers if c.uses_context or c.uses_inputs]
+        if not changers:
+            return None
+        inputs = dict(inputs)
+        for controller in changers:
+            if controller.uses_context:
+                inputs["encoder_hidden_states"] = controller.transform_context(
+                    self.context, inputs.get("encoder_hidden_states")
+                )
+        for controller in changers:
+            if controller.uses_inputs:
+                inputs = controller.transform_inputs(self.context, inputs)
+        changed = self._forward.bind_partial(**inputs)
+        return changed.args, changed.kwargs
 
     def _after_unet(self, module, args, output):
         if self.context is not None:
@@ -371,6 +415,15 @@ def _unshadow(obj: Any, name: str, previous: Any) -> None:
         obj.__dict__.pop(name, None)
     else:
         obj.__dict__[name] = previous
+
+
+def _put_back(obj: Any, name: str, previous: Any) -> None:
+    """Undo :meth:`Session.patch`: the attribute's old value, or no instance attribute when it had none."""
+    if previous is _MISSING:
+        if name in getattr(obj, "__dict__", {}):
+            delattr(obj, name)
+    else:
+        setattr(obj, name, previous)
 
 
 def _note_restore_failure(error: BaseException, failure: BaseException | None) -> None:

@@ -176,6 +176,15 @@ def test_prompt_editing_swaps_text_at_the_step(tiny_pipes, kind):
     assert max_diff(gen(pipe, "a [red:blue:0.5] car", steps=4), got) == 0.0
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_prompt_editing_switch_at_step_zero(tiny_pipes, kind):
+    """int(0.05 * 4) = 0: A1111 conditions every step on "blue" (issue 14.8)."""
+    pipe = tiny_pipes(kind)
+    got = gen(pipe, "a [red:blue:0.05] car", steps=4)
+    assert max_diff(got, stock(pipe, "a blue car", steps=4)) <= 1e-6
+    assert max_diff(got, stock(pipe, "a red car", steps=4)) > 1e-5
+
+
 def test_prompt_editing_sdxl_switches_pooled_embedding_and_cleans_up(tiny_pipes):
     pipe = tiny_pipes("sdxl")
     hooks = dict(pipe.unet._forward_pre_hooks)

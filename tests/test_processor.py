@@ -144,7 +144,7 @@ class Recorder(Controller):
     def wants_probs(self, site, ctx):
         return True
 
-    def record(self, site, ctx, probs):
+    def record(self, site, ctx, probs, plan):
         self.probs = probs
 
 

@@ -496,7 +496,7 @@ def test_site_grids_come_from_the_latent(sd15, size):
         def wants_probs(self, site, ctx):
             return True
 
-        def record(self, site, ctx, probs):
+        def record(self, site, ctx, probs, plan):
             seen[site.key] = (pc.sites.grid_for(ctx.latent_hw, site.level), probs.shape[2])
 
     with pc.control(sd15, Grids()):

@@ -141,7 +141,7 @@ def test_only_selected_sites_and_steps_materialise_probabilities(sd15):
     store = pc.AttentionStore(steps=[1, 2], places=["up"], levels=[0])
     seen = []
     original = store.record
-    store.record = lambda site, ctx, probs: (seen.append((site.key, ctx.index)), original(site, ctx, probs))
+    store.record = lambda site, ctx, probs, plan: (seen.append((site.key, ctx.index)), original(site, ctx, probs, plan))
     with pc.control(sd15, store) as session:
         installed = {k for k, p in sd15.unet.attn_processors.items() if type(p).__name__ == "ControlledAttnProcessor"}
         expected = {s.key for s in session.sites if s.is_cross and s.place == "up" and s.level == 0}

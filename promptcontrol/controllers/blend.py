@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..alignment import edit_images
 from ..context import StepContext
-from ..plan import IDENTITY, AttentionPlan
-from ..schedule import _fraction
+from ..plan import AttentionPlan, maps_used
+from ..schedule import Window, _fraction
 from ..sites import AttentionSite, grid_for
 from ..tokens import tokenize
 from .base import Controller
@@ -34,25 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..session import Session
 
 Words = Union[str, Sequence[str], Sequence[Sequence[str]]]
-
-
-def used_maps(plan: AttentionPlan, probs: torch.Tensor) -> torch.Tensor:
-    """The attention map each row actually uses under ``plan``: (B, heads, Q, K) from own probabilities (B, heads, Q, K).
-
-    Term by term: ``probs[qk_rows]`` (renormalised by the logit bias) @ value_map, times value_scale per token.
-    """
-    out = None
-    for term in plan.terms:
-        p = probs if term.qk_rows is None else probs[term.qk_rows]
-        if term.logit_bias is not None:
-            p = p * term.logit_bias.float().exp()[:, None, None, :]
-            p = p / p.sum(dim=-1, keepdim=True)
-        if term.value_map is not None:
-            p = torch.einsum("bhqk,bkn->bhqn", p, term.value_map.float())
-        if term.value_scale is not None:
-            p = p * term.value_scale.float()[:, None, None, :]
-        out = p if out is None else out + p
-    return out
 
 
 def blend_mask(
@@ -117,14 +98,10 @@ class LocalBlend(Controller):
         if session.pipe is None:
             raise ValueError("pc.LocalBlend changes latents between steps and needs a pipeline, not a bare UNet")
         self._levels = self.levels if self.levels is not None else default_blend_levels(session.sites)
-        self._site_controllers = {
-            s.key: [c for c in session.controllers if c is not self and c.applies_to(s)] for s in session.sites
-        }
         self._reset()
 
     def unbind(self) -> None:  # the maps and the last mask stay readable after the session
         self._session = None
-        self._site_controllers = {}
 
     def _word_tokens(self, prompts: Sequence[str]) -> torch.Tensor:
         tokenizer = self._session.tokenizer
@@ -167,12 +144,9 @@ class LocalBlend(Controller):
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self.uses_site(site) and bool(edit_images(ctx.layout))
 
-    def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor) -> None:
-        plan = IDENTITY
-        for controller in self._site_controllers.get(site.key, ()):
-            plan = controller.plan(site, ctx, plan)
+    def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor, plan: AttentionPlan) -> None:
         rows = list(ctx.layout.cond_rows)
-        maps = used_maps(plan, probs)[rows] if not plan.is_identity else probs[rows]  # (R, heads, Q, K)
+        maps = maps_used(plan, probs)[rows]  # (R, heads, Q, K): the maps the rows used, after the edits
         prompts = torch.tensor([ctx.layout.prompt_of_row[r] for r in rows])
         tokens = self._tokens.to(maps.device)[prompts]  # (R, K)
         word_map = torch.einsum("rhqk,rk->rq", maps, tokens)  # summed over heads and tokens
@@ -198,7 +172,7 @@ class LocalBlend(Controller):
 
     def transform_latents(self, ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
         pairs = edit_images(ctx.layout)
-        if not pairs or ctx.total is None or ctx.index < int(self.start * ctx.total + 1e-9):
+        if not pairs or ctx.total is None or not Window(self.start, 1.0).contains(ctx.index, ctx.total):
             return latents
         maps = self.mean_maps()
         if maps is None:

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..context import StepContext
+from ..context import StepContext, batch_mismatch
+from ..plan import AttentionPlan
 from ..sites import AttentionSite, grid_for, grid_from_length
 from .base import Controller
 
@@ -98,26 +99,6 @@ class RecordedImage:
     @property
     def latent_hw(self) -> tuple[int, int]:
         return self.run.latent_hw
-
-
-def batch_mismatch(ctx: StepContext, text_rows: int) -> str:
-    """Why a UNet call's latent batch (``ctx.layout.size`` rows) and its text batch (``text_rows``) differ, and
-    what to pass instead: the pipeline repeats the prompts × images per prompt; latents are taken as given."""
-    latent_rows = ctx.layout.size
-    run = ctx.run
-    doubled = bool(run is not None and run.cfg) and latent_rows % 2 == 0 and text_rows % 2 == 0
-    seen = f"the UNet got {latent_rows} latent rows and {text_rows} text rows{', doubled for guidance' if doubled else ''}"
-    if run is None or run.prompts is None:
-        return (
-            f"batch mismatch: {seen}; give latents and prompt embeddings the same batch "
-            "(prompts × num_images_per_prompt)"
-        )
-    images = len(run.prompts) * run.images_per_prompt
-    return (
-        f"batch mismatch: {len(run.prompts)} prompt(s) × {run.images_per_prompt} image(s) per prompt = {images} "
-        f"image(s), but the latents hold {latent_rows // 2 if doubled else latent_rows} ({seen}); pass latents "
-        f"(or images) with {images} row(s), or as many prompts × num_images_per_prompt as latent rows"
-    )
 
 
 def capped_grid(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -384,7 +365,7 @@ class AttentionStore(Controller):
             index = self._row_index[probs.device] = torch.tensor(self._rows, device=probs.device)
         return probs.index_select(0, index)
 
-    def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor) -> None:
+    def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor, plan: AttentionPlan) -> None:
         """Add ``probs`` (B, heads, Q, K) of the conditional rows to this run's record."""
         if int(probs.shape[0]) != ctx.layout.size:
             raise ValueError(batch_mismatch(ctx, int(probs.shape[0])))
