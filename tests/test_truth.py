@@ -98,7 +98,7 @@ def test_position_words_move_the_object_from_the_same_noise(shipped_pipe, random
 # --------------------------------------------------------------------------- heat maps, edits, weights
 # Smaller prompt sets (CPU time, see PromptSets); each is seeded and the same for both models.
 
-# Measured (shipped / random): noun mIoU 0.44 / 0.002, adjective mIoU 0.32 / 0.002 (16 captions, 27 objects;
+# Measured (shipped / random): noun mIoU 0.47 / 0.002, adjective mIoU 0.33 / 0.002 (16 captions, 27 objects;
 # sites down_blocks.0 + up_blocks.0, τ = 0.4); own-object preference 0.93 / 0.00 (44 words of two-object
 # captions). Issue targets: noun mIoU >= 0.5 NOT met; own-object >= 0.9 met.
 MAP_BARS = {"noun_miou": 0.30, "adjective_miou": 0.20, "own_object": 0.80}
@@ -149,7 +149,7 @@ def test_random_model_heatmaps_fail_the_bars(random_truths, metric):
 
 
 # ---- controls that tell good maps from bad ones: the shipped model's own maps, given to the wrong words ----
-# Measured (16 captions, seed 1234; noun / adjective mIoU, own-object; true maps 0.44 / 0.32 / 0.93): the words'
+# Measured (16 captions, seed 1234; noun / adjective mIoU, own-object; true maps 0.47 / 0.33 / 0.93): the words'
 # maps shuffled within each caption 0.15 / 0.13 / 0.64 (shuffle seeds 1–3: 0.06–0.13 / 0.08–0.12 / 0.43–0.57);
 # each object's maps taken from the next caption 0.11 / 0.11 / 0.39 (2 or 3 captions on: ≤ 0.17 / 0.16 / 0.61).
 # Every one is below every MAP_BAR.
