@@ -339,3 +339,96 @@ def test_ctrl_c_while_importing_is_one_line_and_status_130(tmp_path, module):
     assert result.returncode == 130, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == ["promptcontrol: interrupted; nothing was written"]
     assert not (tmp_path / "out").exists()
+
+
+# ---- the faces' rooms: one-way arrows, frozen sweep options, the commands table ------------------------------------
+PACKAGE = Path(pc.__file__).resolve().parent
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (top level, in functions, under TYPE_CHECKING), relative ones made absolute."""
+    import ast
+
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    base = package.split(".") if path.name == "__init__.py" else package.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            head = base[: len(base) - node.level + 1] if node.level else []
+            module = ".".join(head + (node.module.split(".") if node.module else []))
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+            found.add(module)
+    return found
+
+
+def test_the_sweep_and_the_measurement_do_not_import_the_command_line():
+    """The arrows point faces -> jobs: sweep/ imports neither the CLI nor argparse; toy.evaluate (and its
+    segmentation) import no CLI; checked in the source and in a fresh interpreter."""
+    sweep_files = sorted((PACKAGE / "sweep").glob("*.py"))
+    assert {p.name for p in sweep_files} >= {"jobs.py", "ledger.py", "runner.py", "launch.py", "options.py"}
+    for path in sweep_files + [PACKAGE / "toy" / "evaluate.py", PACKAGE / "toy" / "segment.py"]:
+        imported = _imported_modules(path)
+        assert not [m for m in imported if m == "promptcontrol.cli" or m.startswith("promptcontrol.cli.")], path
+        if path.parent.name == "sweep":
+            assert "argparse" not in imported, path
+    probe = ("import sys, promptcontrol.sweep, promptcontrol.toy.evaluate; "
+             "print(sorted(m for m in sys.modules if m.startswith('promptcontrol.cli')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_sweep_options_are_frozen_and_record_the_parameters_the_parser_gave():
+    """The CLI builds SweepOptions once from its parser; sweep.json's parameters stay those of the command line,
+    in the same order (the file is byte-identical to what the Namespace gave)."""
+    import dataclasses
+
+    from promptcontrol.cli.sweep_command import sweep_options
+    from promptcontrol.sweep import SweepOptions, job_options
+
+    args = cli_module.build_parser().parse_args(["sweep", "jobs.txt", "--out", "o", "--size", "32x48", "--save-maps",
+                                                 "--seed", "9", "--quiet"])
+    options = sweep_options(args)
+    assert isinstance(options, SweepOptions) and options.size == (48, 32) and options.seed == 9
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.steps = 3  # type: ignore[misc]
+    expected = {k: v for k, v in vars(args).items() if k not in {"run", "quiet"}}
+    assert list(options.parameters().items()) == list(expected.items())
+    assert job_options(options) == job_options(args)  # the same job ids either way
+    with pytest.raises(TypeError, match="steps"):
+        SweepOptions(**{k: v for k, v in dataclasses.asdict(options).items() if k != "steps"})
+
+
+def test_a_sweep_runs_from_options_built_by_hand(tmp_path, model_dir):
+    """No argparse in between: SweepOptions written out in Python, run_sweep, one job done and its files there."""
+    from promptcontrol.sweep import SweepOptions, run_sweep
+
+    jobs = tmp_path / "p.txt"
+    jobs.write_text("a red circle\n")
+    out = tmp_path / "run"
+    options = SweepOptions(
+        file=str(jobs), mode="generate", out=str(out), save_maps=False, words_from_prompt=False, map_size=64,
+        normalize="none", maps_per_shard=64, no_grid=False, jobs_per_call=1, weight_mode="attention", edit_mode="auto",
+        model=str(model_dir), steps=1, guidance=7.5, seed=0, size=(32, 32), device="cpu", dtype="auto", redo=False,
+        barrier_hours=1.0, verbose_errors=False, quiet=True,
+    )
+    assert run_sweep(options) == 0
+    (entry,) = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert entry["status"] == "done" and sorted(Path(f).name for f in entry["files"]) == ["image.png", "job.json"]
+    assert Image.open(out / entry["files"][0]).size == (32, 32)
+
+
+def test_a_delegated_command_gets_the_rest_of_the_command_line(monkeypatch, capsys):
+    """The place left for commands with a parser of their own (``promptcontrol app``): listed by --help, called
+    with the arguments after its name, its status returned."""
+    from promptcontrol.cli import entry
+
+    seen = []
+    monkeypatch.setitem(entry.DELEGATED, "fake", ("a command with its own parser", lambda argv: seen.append(argv) or 5))
+    assert cli_module.main(["fake", "--port", "1", "--help"]) == 5
+    assert seen == [["--port", "1", "--help"]]
+    with pytest.raises(SystemExit):
+        cli_module.main(["--help"])
+    assert "a command with its own parser" in capsys.readouterr().out

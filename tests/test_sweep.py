@@ -24,6 +24,7 @@ from PIL import Image
 
 import promptcontrol as pc
 from promptcontrol import cli, sweep
+from promptcontrol.sweep import launch as sweep_launch
 from promptcontrol.mapsets import ShardWriter, load_maps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,11 +232,11 @@ def test_each_process_takes_its_own_accelerator():
 
     launched = SimpleNamespace(num_processes=2, device=torch.device("cuda", 1))
     alone = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0))
-    assert sweep._device(_args(device="auto"), launched) == torch.device("cuda", 1)
-    assert sweep._device(_args(device="cuda"), launched) == torch.device("cuda", 1)
-    assert sweep._device(_args(device="cpu"), launched) == "cpu"
-    assert sweep._device(_args(device="auto"), alone) is None  # load_pipeline picks cuda, mps or cpu
-    assert sweep._device(_args(device="cuda:0"), alone) == "cuda:0"
+    assert sweep_launch._device(_args(device="auto"), launched) == torch.device("cuda", 1)
+    assert sweep_launch._device(_args(device="cuda"), launched) == torch.device("cuda", 1)
+    assert sweep_launch._device(_args(device="cpu"), launched) == "cpu"
+    assert sweep_launch._device(_args(device="auto"), alone) is None  # load_pipeline picks cuda, mps or cpu
+    assert sweep_launch._device(_args(device="cuda:0"), alone) == "cuda:0"
 
 
 # ---- map shards -------------------------------------------------------------------------------------------------

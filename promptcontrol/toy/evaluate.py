@@ -4,9 +4,8 @@ Pipeline of the measurement:
 
 1. ``eval_samples(n, seed)``: ``n`` captions from the world grammar (seeded, fixed across models);
 2. ``generate(pipe, samples)``: one image per caption, seed ``seed + i`` for caption ``i``;
-3. ``segment(image)``: each pixel → nearest palette colour (background included); per colour, the largest
-   4-connected component is that colour's object if it has at least ``MIN_AREA`` pixels and fits some shape
-   prototype with IoU ≥ ``MIN_FIT`` (so colour noise is not an object; captions never repeat a colour);
+3. ``segment(image)`` (:mod:`promptcontrol.toy.segment`): each pixel → nearest palette colour; per colour,
+   its largest blob is that colour's object if it is big enough and shaped like a shape;
 4. ``caption_accuracy(generations)``: for every object the caption names —
    colour: a blob of its colour exists; shape: that blob's shape (``classify_shape``: best IoU against the
    circle / square / triangle prototypes fitted to the blob's bounding box) is the named one; position (only
@@ -19,83 +18,17 @@ fields to ``TruthReport``, which prints every measured row in ``table()``.
 """
 from __future__ import annotations
 
-import sys
-from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from . import world
-
-MIN_AREA = 10
-"""Smallest component (pixels, at 32×32) counted as an object; world objects have ≥ 50."""
-MIN_FIT = 0.6
-"""Smallest IoU of a blob with its best-fitting shape prototype for it to count as an object: drawn shapes,
-even soft ones, fit ≥ 0.75; the speckled colour noise of an untrained model fits ≤ 0.5."""
-
-_PALETTE_NAMES = ("background",) + tuple(world.COLOURS)
-_PALETTE = np.array([world.BACKGROUND] + list(world.COLOURS.values()), np.float32)  # (5, 3)
+from .segment import PALETTE_NAMES, Segment, iou, palette_labels, segment
+from .segment import classify_shape, prototype  # noqa: F401 (callers import them from here)
 
 
-# --------------------------------------------------------------------------- geometry helpers
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks of one shape (1.0 when both are empty)."""
-    if a.shape != b.shape:
-        raise ValueError(f"masks differ in shape: {a.shape} vs {b.shape}")
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of a (H, W) bool mask (empty mask → empty)."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask, bool)
-    best: list[tuple[int, int]] = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        comp, queue = [], deque([(y0, x0)])
-        seen[y0, x0] = True
-        while queue:
-            y, x = queue.popleft()
-            comp.append((y, x))
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
-                    seen[yy, xx] = True
-                    queue.append((yy, xx))
-        if len(comp) > len(best):
-            best = comp
-    out = np.zeros_like(mask, bool)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
-    return out
-
-
-def prototype(shape: str, h: int, w: int) -> np.ndarray:
-    """(h, w) bool mask of ``shape`` stretched to fill an h×w box, drawn like ``world.object_mask``."""
-    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
-    u, v = (u + 0.5) / w * 2 - 1, (v + 0.5) / h * 2 - 1  # [-1, 1] across the box
-    if shape == "circle":
-        return u * u + v * v <= 1.0
-    if shape == "square":
-        return np.ones((h, w), bool)
-    if shape == "triangle":
-        return np.abs(u) <= (v + 1) / 2
-    raise ValueError(f"unknown shape {shape!r}: use one of {world.SHAPES}")
-
-
-def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
-    """Best-matching shape of a blob: IoU with each prototype fitted to its bounding box."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        raise ValueError("empty mask: nothing to classify")
-    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    scores = {s: iou(crop, prototype(s, *crop.shape)) for s in world.SHAPES}
-    return max(scores, key=scores.get), scores
-
+# --------------------------------------------------------------------------- positions
 
 def side_of(cx: float, cy: float, size: int) -> str:
     """Which named region a centroid is in: the side of the centre along the dominant axis."""
@@ -103,52 +36,6 @@ def side_of(cx: float, cy: float, size: int) -> str:
     if abs(dx) >= abs(dy):
         return "left" if dx < 0 else "right"
     return "top" if dy < 0 else "bottom"
-
-
-# --------------------------------------------------------------------------- segmentation
-
-
-@dataclass
-class Segment:
-    """One colour's object in a generated image. ``mask``: (H, W) bool; centroid in pixels (x, y)."""
-
-    colour: str
-    mask: np.ndarray
-    shape: str
-    fit: float  # IoU with the best shape prototype
-    cx: float
-    cy: float
-
-    @property
-    def area(self) -> int:
-        return int(self.mask.sum())
-
-
-def palette_labels(image: np.ndarray) -> np.ndarray:
-    """(H, W) int: index into ('background', *world.COLOURS) of each pixel's nearest palette colour."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    d = ((image.astype(np.float32)[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # (H, W, 5)
-    return d.argmin(-1)
-
-
-def segment(image: np.ndarray, min_area: int | None = None, min_fit: float = MIN_FIT) -> dict[str, Segment]:
-    """Objects of an (H, W, 3) uint8 image by colour: {colour: Segment} for colours whose largest blob is big
-    enough (``min_area``) and shaped like a shape (``min_fit``)."""
-    size = image.shape[0]
-    min_area = MIN_AREA * (size * image.shape[1]) // (world.SIZE ** 2) if min_area is None else min_area
-    labels = palette_labels(image)
-    out = {}
-    for k, name in enumerate(_PALETTE_NAMES[1:], start=1):
-        blob = largest_component(labels == k)
-        if blob.sum() < max(1, min_area):
-            continue
-        shape, fits = classify_shape(blob)
-        if fits[shape] < min_fit:
-            continue
-        ys, xs = np.nonzero(blob)
-        out[name] = Segment(name, blob, shape, fits[shape], float(xs.mean() + 0.5), float(ys.mean() + 0.5))
-    return out
 
 
 # --------------------------------------------------------------------------- generation
@@ -359,7 +246,7 @@ def colour_share(image: np.ndarray, colour: str) -> float:
     """Share of the non-background pixels whose nearest palette colour is ``colour`` (0 when none)."""
     labels = palette_labels(image)
     fg = labels > 0
-    return float((labels[fg] == _PALETTE_NAMES.index(colour)).mean()) if fg.any() else 0.0
+    return float((labels[fg] == PALETTE_NAMES.index(colour)).mean()) if fg.any() else 0.0
 
 
 def weight_prompts(samples: list[world.Sample]) -> list[tuple[str, str]]:
@@ -506,12 +393,11 @@ def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = 
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m promptcontrol.toy.evaluate [options]`` is ``promptcontrol evaluate [options]``."""
-    from ..cli import main as cli_main
-
-    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m promptcontrol.toy.evaluate [options]`` is ``promptcontrol evaluate [options]``. The command line
+    # is looked up by name, only when this file runs as a script: as a module the measurement never imports the
+    # command line (the arrow points cli -> toy.evaluate).
+    import sys
+    from importlib import import_module
+
+    sys.exit(import_module("promptcontrol.cli").main(["evaluate", *sys.argv[1:]]))
