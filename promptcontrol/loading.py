@@ -21,17 +21,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .errors import PromptControlError
+
 EMBEDDED = Path(__file__).resolve().parent / "assets" / "toy-sd"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class ModelUnavailableError(OSError):
+class ModelUnavailableError(PromptControlError, OSError):
     """A model named by hub id could not be fetched (no network) or found."""
 
 
-class ModelFolderError(OSError):
+class ModelFolderError(PromptControlError, OSError):
     """A local pipeline folder that cannot be loaded: a file missing, truncated or damaged."""
 
 

@@ -21,16 +21,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import PromptControlError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(PromptControlError, FileExistsError):
     """``--out`` is a non-empty folder and overwriting was not asked for."""
 
 
-class OutputPathError(ValueError):
+class OutputPathError(PromptControlError, ValueError):
     """``--out`` names a path where no folder can be written (``--force`` would not help)."""
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(PromptControlError, OSError):
     """The finished run could not be moved into ``--out``; the message says where the old output is."""
 
 

@@ -30,6 +30,7 @@ from .context import RunInfo, StepContext, batch_layout, batch_mismatch
 from .controllers.base import Controller, bound_session, check_controller, claim, recorder_call, release
 from .processor import ControlledAttnProcessor
 from .sites import AttentionSite, attention_modules, find_sites, is_denoiser, unsupported_sites
+from .errors import PromptControlError
 
 # Processors computing the same attention function as AttnProcessor2_0 (only memory/speed differ).
 _EQUIVALENT_PROCESSORS = {"AttnProcessor2_0", "FusedAttnProcessor2_0"}
@@ -37,7 +38,7 @@ _REPLACEABLE_PROCESSORS = {"AttnProcessor", "SlicedAttnProcessor", "XFormersAttn
 _ACTIVE_FLAG = "_promptcontrol_session_active"
 
 
-class SessionError(RuntimeError):
+class SessionError(PromptControlError, RuntimeError):
     """A session was used in a way it cannot be (nested on the same UNet, entered twice, ...)."""
 
 

@@ -68,6 +68,15 @@ def test_same_seed_repeats_exactly(model_dir, tmp_path):
     assert Image.open(a / "image.png").tobytes() == Image.open(b / "image.png").tobytes()
 
 
+def test_generate_several_prompts_with_one_negative_prompt(model_dir, tmp_path):
+    """One --negative serves every prompt (the pipeline wants a list beside a list of prompts)."""
+    from promptcontrol.cli import main
+
+    out = tmp_path / "o"
+    assert main(["generate", "a red circle", "a blue square", "--negative", "green", *map(str, common(model_dir, out))]) == 0
+    assert (out / "image_0.png").is_file() and (out / "image_1.png").is_file()
+
+
 def test_refuses_to_overwrite_without_force(model_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
@@ -329,9 +338,7 @@ runpy.run_module("promptcontrol", run_name="__main__", alter_sys=True)
 
 @pytest.mark.parametrize("module", [
     "diffusers",  # imported by the command line itself
-    pytest.param("torch", marks=pytest.mark.xfail(
-        strict=True, reason="promptcontrol/__init__.py imports torch before any promptcontrol code runs: needs a "
-        "lazy package __init__ (see the issue 14 note)")),
+    "torch",  # imported on first use since the package __init__ is lazy
 ])
 def test_ctrl_c_while_importing_is_one_line_and_status_130(tmp_path, module):
     result = subprocess.run([sys.executable, "-c", INTERRUPT_IMPORT, module, str(tmp_path / "out")],

@@ -11,6 +11,7 @@ import math
 from contextlib import contextmanager
 from typing import Iterator
 
+from ..errors import PromptControlError
 from ..pipeline_call import SEED_MAX
 
 EXIT_BAD_INPUT = 2
@@ -18,7 +19,7 @@ MODEL_FOLDER_HINT = "save the pipeline again (pipe.save_pretrained) or copy the 
 NO_NETWORK_HINT = "no network: pass a local folder with --model"
 
 
-class CliError(Exception):
+class CliError(PromptControlError):
     """A user-facing failure: a one-line reason and a hint."""
 
     def __init__(self, reason: str, hint: str = ""):

@@ -145,11 +145,13 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     run = RunFolder(args.out, force=args.force)  # check --out before loading the model
     pipe = load(args)
     with run:
+        several = len(args.prompt) > 1
+        negative = [args.negative] * len(args.prompt) if several and args.negative is not None else args.negative
         images = generate(
             pipe,
-            args.prompt if len(args.prompt) > 1 else args.prompt[0],
+            args.prompt if several else args.prompt[0],
             mode=args.mode,
-            negative_prompt=args.negative,
+            negative_prompt=negative,  # the pipeline wants a list beside a list of prompts
             num_images_per_prompt=args.batch,
             generator=seeded_generator(args.seed),
             **call_kwargs(args),

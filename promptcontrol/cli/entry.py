@@ -19,11 +19,18 @@ from .sweep_command import add_sweep
 COMMANDS: tuple[Callable, ...] = (add_inspect, add_generate, add_edit, add_evaluate, add_sweep)
 """Commands parsed here, in ``--help`` order: each ``add(subparsers)`` registers one with ``run=`` its runner."""
 
-DELEGATED: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+def _app_main(argv: list[str]) -> int:
+    from ..app import main
+
+    return main(argv)
+
+
+DELEGATED: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "app": ("a local web page to inspect, emphasise and edit (needs the [app] extra)", _app_main),
+}
 """Commands with a parser of their own: name → (help line, ``main(argv)``). ``promptcontrol NAME ARGS...`` calls
-``main(ARGS)`` and exits with its status; ``--help`` lists NAME. The web app goes here, e.g.
-``"app": ("a local web page ...", _app_main)`` with
-``def _app_main(argv): from ..app import main; return main(argv)``."""
+``main(ARGS)`` and exits with its status; ``--help`` lists NAME (the web app: ``promptcontrol.app.main``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import PromptControlError
 from ..pipeline_call import SEED_MAX
 from .options import SweepOptions
 
@@ -25,7 +26,7 @@ JOB_KEYS: dict[str, dict[str, str]] = {  # key -> kind of value
 REQUIRED = {"inspect": ("prompt",), "generate": ("prompt",), "edit": ("source", "edits")}
 
 
-class JobFileError(ValueError):
+class JobFileError(PromptControlError, ValueError):
     """A job file that cannot be read: names the file, the line and the fix."""
 
 
