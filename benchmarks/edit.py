@@ -23,7 +23,7 @@ import torch
 
 import promptcontrol as pc
 from promptcontrol.controllers.inject import InjectSelf
-from promptcontrol.editing import AutoEdit
+from promptcontrol.controllers.edit import AutoEdit
 
 from .cases import EDIT, SOURCE, build_pipeline, classic_processors, explicit_edit
 from .harness import Case, compare, machine, markdown_table, save

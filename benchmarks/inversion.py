@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from promptcontrol.inversion import DDIMSteps, _frozen, _model_output
+from promptcontrol.ddim import DDIMSteps, _frozen, _model_output
 
 from .harness import Result, machine, markdown_table, save
 from .models import sd15_unet, unet_inputs

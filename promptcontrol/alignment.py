@@ -141,12 +141,6 @@ def refine_map(source: PromptTokens, edit: PromptTokens) -> TokenMap:
     return TokenMap(matrix, alpha, source, edit)
 
 
-def identity_map(tokens: PromptTokens) -> TokenMap:
-    """The alignment of a prompt with itself."""
-    size = tokens.max_length
-    return TokenMap(torch.eye(size), torch.ones(size), tokens, tokens)
-
-
 def _pairs_by_prompt(items: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """``(item, prompt)`` pairs → ``(edit item, source item)``: the k-th item of prompt p ↔ the k-th of prompt 0."""
     by_prompt: dict[int, list[int]] = {}

@@ -1,9 +1,10 @@
 """``pc.edit``: edit a prompt and keep the layout — prompt-to-prompt in one call.
 
 One pipeline call generates the source prompt and every edited prompt as one batch from the same starting
-noise, with :class:`~promptcontrol.Replace` (same number of words) or :class:`~promptcontrol.Refine` (words
-added or removed) on the cross-attention, source self-attention injected on the first ``self_steps``, an
-optional equalizer on the edited prompts (``reweight``) and an optional :class:`~promptcontrol.LocalBlend`.
+noise, with :class:`~promptcontrol.controllers.edit.AutoEdit` on the cross-attention (Replace for an edited
+prompt with as many words as the source, Refine for words added or removed), source self-attention injected on
+the first ``self_steps``, an optional equalizer on the edited prompts (``reweight``) and an optional
+:class:`~promptcontrol.LocalBlend`. The source may be an inversion of a real image (``pc.invert``).
 """
 
 from __future__ import annotations
@@ -14,33 +15,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .alignment import TokenMap, refine_map, replace_map
 from .controllers.blend import LocalBlend
+from .controllers.edit import AutoEdit
 from .controllers.inject import InjectSelf
-from .controllers.replace import PromptEdit
-from .inversion import Inversion, prepare_inversion_edit
+from .controllers.inversion_guidance import InversionGuidance
+from .inversion import Inversion
 from .schedule import ScheduleLike, WindowLike, window
 from .session import control
-from .tokens import PromptTokens
-
-MODES = ("auto", "replace", "refine")
-
-
-class AutoEdit(PromptEdit):
-    """Replace for each edited prompt with as many words as the source, Refine for the others."""
-
-    name = "edit"
-
-    def __init__(self, cross_steps: ScheduleLike = 0.8, *, mode: str = "auto", prompts: Sequence[str] | None = None):
-        if mode not in MODES:
-            raise ValueError(f"edit mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.mode = mode
-        super().__init__(cross_steps, prompts=prompts)
-
-    def token_map(self, source: PromptTokens, edit: PromptTokens) -> TokenMap:
-        if self.mode == "replace" or (self.mode == "auto" and len(source.words) == len(edit.words)):
-            return replace_map(source, edit)
-        return refine_map(source, edit)
 
 
 @dataclass
@@ -191,6 +172,42 @@ def _short(prompt: str, limit: int = 60) -> str:
     return repr(prompt if len(prompt) <= limit else f"…{prompt[-limit:]}")
 
 
+# ---- editing an inversion -----------------------------------------------------------------------------------------
+def prepare_inversion_edit(pipe, inversion: Inversion, pipe_kwargs: dict) -> tuple[str, InversionGuidance]:
+    """For ``pc.edit(pipe, inversion, edits, ...)``: the source prompt and the controller to add; fills
+    ``pipe_kwargs`` (in place) with x_T, the steps, guidance and size of the inversion.
+
+    Raises ``ValueError`` for arguments that contradict the inversion (other steps, size, latents, several
+    images per prompt).
+    """
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"expected a pc.Inversion, got {type(inversion).__name__}")
+    own = inversion.pipe_kwargs(pipe)
+    steps = pipe_kwargs.get("num_inference_steps")
+    if steps is not None and int(steps) != inversion.steps:
+        raise ValueError(
+            f"num_inference_steps={steps} does not match the inversion's {inversion.steps} steps: leave it out, "
+            f"or invert again with steps={steps}"
+        )
+    for key in ("height", "width"):
+        if pipe_kwargs.get(key) is not None and int(pipe_kwargs[key]) != own[key]:
+            raise ValueError(f"{key}={pipe_kwargs[key]} does not match the inverted image's {key} {own[key]}: leave it out")
+    if pipe_kwargs.get("latents") is not None:
+        raise ValueError("an edit of an inversion starts from the inversion's x_T: do not pass latents=")
+    for key in ("negative_prompt", "negative_prompt_embeds", "negative_prompt_2"):
+        if pipe_kwargs.get(key) is not None:
+            raise ValueError(
+                f"{key}= has no effect on an edit of an inversion: its null embeddings are the unconditional text "
+                "at every step (invert with method='ddim' and edit from plain prompts to use a negative prompt)"
+            )
+    if int(pipe_kwargs.get("num_images_per_prompt") or 1) != 1:
+        raise ValueError("an edit of an inversion makes one image per prompt (sampling is deterministic): drop num_images_per_prompt")
+    for key, value in own.items():
+        if pipe_kwargs.get(key) is None:
+            pipe_kwargs[key] = value
+    return inversion.prompt, InversionGuidance(inversion)
+
+
 def starting_noise(pipe, count: int, seed: int | None, pipe_kwargs: dict) -> torch.Tensor:
     """Latents ``(count * images_per_prompt, C, h, w)``: one draw repeated for every prompt (same layout start)."""
     per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
@@ -235,7 +252,7 @@ def edit(
     prompt, every prompt starts from its x_T with its steps, and its null embeddings guide every row.
     """
     inverted = None
-    if isinstance(source, Inversion):  # a real image: see promptcontrol.inversion
+    if isinstance(source, Inversion):  # a real image: see promptcontrol.inversion and prepare_inversion_edit
         source, inverted = prepare_inversion_edit(pipe, source, pipe_kwargs)
     if not isinstance(source, str):
         raise TypeError(f"source must be a prompt string, got {type(source).__name__}")

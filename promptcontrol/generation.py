@@ -6,11 +6,11 @@ pipeline's tokenizer, and runs the pipeline on the *plain* prompts inside ``pc.c
 
 Prompt editing (``[from:to:when]``, ``[a|b]``) needs a different text embedding from step ``when`` on. The
 pipeline encodes the first step's prompts as usual; every other prompt the schedule reaches is encoded once,
-before the run, with the pipeline's own ``encode_prompt``; a :class:`PromptSchedule` controller then swaps the
-conditional rows' text features (the UNet's ``encoder_hidden_states``) at the steps that use them, and one
-``Reweight`` per stretch of steps with the same weights applies that stretch's token positions. On SDXL the
-pooled text embedding (an input of the time embedding) is switched at the same steps, as A1111 does, by a UNet
-pre-hook that lives as long as the session.
+before the run, with the pipeline's own ``encode_prompt``; a
+:class:`~promptcontrol.controllers.prompt_schedule.PromptSchedule` controller then swaps the conditional rows'
+text features (the UNet's ``encoder_hidden_states``, and on SDXL the pooled text embedding, as A1111 does) at the
+steps that use them, and one ``Reweight`` per stretch of steps with the same weights applies that stretch's token
+positions.
 """
 
 from __future__ import annotations
@@ -21,85 +21,11 @@ from typing import Any
 
 import torch
 
-from .context import StepContext
 from .controllers.base import Controller
+from .controllers.prompt_schedule import PromptSchedule
 from .controllers.reweight import MODES, Reweight
 from .prompt_syntax import ParsedPrompt, parse_prompt
 from .session import control
-from .sites import AttentionSite
-
-
-class PromptSchedule(Controller):
-    """Swap the conditional rows' text features per step (prompt editing).
-
-    ``table[step][prompt index]`` is the row of ``embeddings`` ``(N, K, D)`` that the prompt's conditional rows
-    use at that step, or ``None`` to keep the pipeline's own encoding (the first step's prompt). ``pooled``
-    ``(N, P)``: SDXL's pooled text embeddings of the same texts, swapped in ``added_cond_kwargs["text_embeds"]``.
-    """
-
-    def __init__(self, embeddings: torch.Tensor, table: list[list[int | None]], pooled: torch.Tensor | None = None):
-        self.embeddings = embeddings  # (N, K, D)
-        self.pooled = pooled  # (N, P) or None
-        self.table = table
-        self.total = len(table)
-        self._session = None
-        self._hook = None
-
-    def applies_to(self, site: AttentionSite) -> bool:
-        return False  # acts on the UNet's text input only
-
-    def bind(self, session) -> None:
-        self._session = session
-
-    def unbind(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = None
-        self._session = None
-
-    def _rows(self, ctx: StepContext) -> tuple[list[int], list[int]]:
-        """(batch rows, embedding rows) to swap at this step."""
-        if ctx.index >= self.total:
-            return [], []
-        choice = self.table[ctx.index]
-        rows, sources = [], []
-        for row in ctx.layout.cond_rows:
-            prompt = ctx.layout.prompt_of_row[row]
-            if prompt < len(choice) and choice[prompt] is not None:
-                rows.append(row)
-                sources.append(choice[prompt])
-        return rows, sources
-
-    def _swap_pooled(self, module, args, kwargs):
-        ctx = self._session.context if self._session is not None else None
-        added = kwargs.get("added_cond_kwargs")
-        if ctx is None or not isinstance(added, dict) or added.get("text_embeds") is None:
-            return None
-        rows, sources = self._rows(ctx)
-        if not rows:
-            return None
-        text_embeds = added["text_embeds"].clone()  # (B, P)
-        text_embeds[rows] = self.pooled[sources].to(device=text_embeds.device, dtype=text_embeds.dtype)
-        return args, {**kwargs, "added_cond_kwargs": {**added, "text_embeds": text_embeds}}
-
-    def begin_step(self, ctx: StepContext) -> None:
-        if self.pooled is not None and self._hook is None and self._session is not None:
-            # Registered from inside the session's pre-hook, so it runs after it (from the next UNet call on) and
-            # sees the step context; step 0 never swaps (the pipeline encodes the first step's prompt itself).
-            self._hook = self._session.hook_module.register_forward_pre_hook(self._swap_pooled, with_kwargs=True)
-        if ctx.total is not None and ctx.total != self.total:
-            raise ValueError(
-                f"the prompt schedule was built for {self.total} steps but the pipeline runs {ctx.total}; pass "
-                "num_inference_steps to generate (img2img strength and custom timesteps change the count)"
-            )
-
-    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        rows, sources = self._rows(ctx)
-        if not rows:
-            return encoder_hidden_states
-        out = encoder_hidden_states.clone()
-        out[rows] = self.embeddings[sources].to(device=out.device, dtype=out.dtype)
-        return out
 
 
 def _default_steps(pipe) -> int:

@@ -1,58 +1,39 @@
 """``pc.invert``: turn a real image into starting noise (and per-step null embeddings) that the pipeline redraws.
 
 Two methods, both on a DDIM scheduler built from the pipeline's own scheduler config (the pipeline's scheduler
-need not be DDIM):
+need not be DDIM); their maths is in :mod:`promptcontrol.ddim`:
 
 * ``"ddim"``: encode the image with the VAE (``latent_dist.mean × scaling_factor``) and run the deterministic
   DDIM update backwards with the conditional noise prediction (guidance 1). Every latent of the trajectory is
   kept: ``inv.latents[0]`` is the encoded image, ``inv.latents[-1]`` is x_T. Sampling from x_T reconstructs the
   image well at guidance 1 but drifts at guidance 7.5.
-* ``"null-text"`` (Mokady et al. 2022): after the DDIM inversion, walk the sampling steps forwards; at step ``i``
-  optimise the *unconditional* text embedding (started from the previous step's result, at step 0 from the
-  pipeline's own negative embedding) with Adam so that the guided DDIM step from the current latent lands on the
-  inversion trajectory's next latent::
+* ``"null-text"`` (Mokady et al. 2022): after the DDIM inversion, walk the sampling steps forwards and optimise
+  the *unconditional* text embedding of each step with Adam so that the guided DDIM step lands on the inversion
+  trajectory's next latent (the schedules of rate and early stop: :mod:`promptcontrol.ddim`).
 
-      eps    = eps(x_i, t_i, null) + g · (eps(x_i, t_i, prompt) − eps(x_i, t_i, null))
-      loss   = mse(ddim_step(eps, t_i, x_i), latents[T − i − 1])
-      lr_i   = lr · (50 / steps) · (1 − i / (2 · steps))      the paper's 1e-2 · (1 − i/100) at 50 steps
-      stop when loss < early_stop + 2e-5 · i · 50 / steps      the paper's threshold ε + 2e-5 · i at 50 steps
-
-  ``lr`` is the rate at the paper's 50 steps: fewer, larger steps leave larger gaps to close, so the rate is
-  scaled by 50 / steps (on the embedded model, 10 steps at 1e-2 reached 16.7 dB where 5e-2 reached 30.0 dB,
-  the VAE's own round trip; 50 steps at 1e-2 also 30.0 dB).
-
-  then ``x_{i+1}`` = the guided step with the optimised embedding. Only one step's graph exists at a time: the
-  conditional prediction and everything between steps run under ``torch.no_grad()``, the UNet's parameters do
-  not take gradients (no weight-gradient buffers), the embedding is a float32 leaf even when the UNet runs in
-  fp16. On CUDA the optimisation's UNet calls run under float16 autocast (``half``) when the pipeline is float32;
-  the step taken with the optimised embedding runs in the pipeline's own precision, so sampling follows it exactly.
-
-Reconstruction and edits run the *pipeline itself* from x_T: :class:`InversionGuidance` swaps in the DDIM
-scheduler for the call (restored afterwards) and writes ``null_embeddings[i]`` into every unconditional row's
-text features at step ``i``, so any controller (``pc.trace``, ``pc.Replace``, ``pc.LocalBlend``...) composes with
-it, and ``pc.edit(pipe, inv, "edited prompt", ...)`` edits the real image.
+This module is the job: image input, the pipeline's VAE and prompt encoding, :func:`invert`, and the result
+:class:`Inversion` with its save / load. Reconstruction and edits run the *pipeline itself* from x_T:
+:class:`~promptcontrol.controllers.inversion_guidance.InversionGuidance` swaps in the DDIM scheduler for the call
+(the session restores it) and writes ``null_embeddings[i]`` into every unconditional row's text features at step
+``i``, so any controller (``pc.trace``, ``pc.Replace``, ``pc.LocalBlend``...) composes with it, and
+``pc.edit(pipe, inv, "edited prompt", ...)`` edits the real image.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .context import StepContext
 from .controllers.base import Controller
-from .sites import AttentionSite
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .session import Session
+from .controllers.inversion_guidance import InversionGuidance
+from .ddim import DDIMSteps, _Text, ddim_trajectory, null_text_optimisation
 
 METHODS = ("null-text", "ddim")
 _CONVERTIBLE_MODES = ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I", "F")
@@ -195,16 +176,6 @@ def _device(pipe) -> torch.device:
     return torch.device(device) if device is not None else pipe.unet.device
 
 
-@dataclass
-class _Text:
-    """What the UNet gets for the prompt and for the unconditional rows (SDXL: pooled text and time ids too)."""
-
-    cond: torch.Tensor  # (1, K, D)
-    uncond: torch.Tensor  # (1, K, D)
-    added_cond: dict | None = None  # SDXL: {"text_embeds": (1, P), "time_ids": (1, 6)}
-    added_uncond: dict | None = None
-
-
 def _encode_text(pipe, prompt: str, height: int, width: int) -> _Text:
     """The pipeline's own prompt encoding (with guidance, as a pipeline call does with no negative prompt)."""
     device = _device(pipe)
@@ -221,12 +192,6 @@ def _encode_text(pipe, prompt: str, height: int, width: int) -> _Text:
         )
     cond, uncond = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
     return _Text(cond, uncond)
-
-
-def _model_output(unet, latent: torch.Tensor, t, text: torch.Tensor, added: dict | None) -> torch.Tensor:
-    """The UNet's raw output (B, C, h, w) for one latent batch and text features."""
-    kwargs = {"added_cond_kwargs": added} if added is not None else {}
-    return unet(latent.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype), return_dict=False, **kwargs)[0]
 
 
 def _vae_encode(pipe, image, seed: int | None) -> torch.Tensor:
@@ -266,57 +231,6 @@ def decode_latents(pipe, latents: torch.Tensor):
         if upcast:
             vae.to(original)
     return pipe.image_processor.postprocess(image.detach(), output_type="pil")
-
-
-# ---- DDIM ----------------------------------------------------------------------------------------------------------
-def ddim_scheduler(config):
-    """A deterministic ``DDIMScheduler`` from any scheduler's config (clipping and thresholding off)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(dict(config), clip_sample=False, thresholding=False)
-
-
-class DDIMSteps:
-    """DDIM's deterministic update (η = 0) at the timesteps ``DDIMScheduler.set_timesteps(steps)`` gives.
-
-    ``step(out, i, x)``: sampling step ``i`` (level t_i → t_i − stride), exactly ``DDIMScheduler.step``;
-    ``invert(out, i, x)``: the same update backwards (level t_i − stride → t_i), the model evaluated at t_i.
-    """
-
-    def __init__(self, config, steps: int, device: torch.device | str = "cpu"):
-        scheduler = ddim_scheduler(config)
-        scheduler.set_timesteps(steps)
-        self.config = dict(scheduler.config)
-        self.timesteps = [int(t) for t in scheduler.timesteps]
-        self.stride = scheduler.config.num_train_timesteps // steps
-        self.alphas = scheduler.alphas_cumprod.float()
-        self.final = scheduler.final_alpha_cumprod.float()
-        self.prediction = scheduler.config.prediction_type
-
-    def alpha(self, t: int) -> torch.Tensor:
-        return self.alphas[t] if t >= 0 else self.final
-
-    def _move(self, out: torch.Tensor, x: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
-        if self.prediction == "epsilon":
-            x0 = (x - (1 - a_from) ** 0.5 * out) / a_from**0.5
-            eps = out
-        elif self.prediction == "v_prediction":
-            x0 = a_from**0.5 * x - (1 - a_from) ** 0.5 * out
-            eps = a_from**0.5 * out + (1 - a_from) ** 0.5 * x
-        elif self.prediction == "sample":
-            x0 = out
-            eps = (x - a_from**0.5 * out) / (1 - a_from) ** 0.5
-        else:
-            raise ValueError(f"unsupported prediction_type {self.prediction!r} (epsilon, v_prediction or sample)")
-        return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
-
-    def step(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
-        t = self.timesteps[i]
-        return self._move(out, x, self.alpha(t), self.alpha(t - self.stride))
-
-    def invert(self, out: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
-        t = self.timesteps[i]
-        return self._move(out, x, self.alpha(t - self.stride), self.alpha(t))
 
 
 # ---- the result ----------------------------------------------------------------------------------------------------
@@ -461,222 +375,11 @@ def _plain(value):
     return str(value)
 
 
-# ---- the controller that samples from an inversion ---------------------------------------------------------------
-class InversionGuidance(Controller):
-    """Make a pipeline call sample from an :class:`Inversion`: DDIM at its timesteps, its null embeddings.
-
-    While the session is active the pipeline's scheduler is a ``DDIMScheduler`` built from its own config (the
-    original is put back when the session ends), and at step ``i`` every unconditional row's text features are
-    ``inversion.null_embeddings[i]`` (the source and the edited prompts alike, as prompt-to-prompt does).
-    Start the call from ``inversion.x_T`` with ``num_inference_steps=inversion.steps``
-    (``inversion.pipe_kwargs(pipe, prompts)`` gives those arguments); prompt 0 must be the inversion's prompt.
-    It acts at no attention site. Raises ``ValueError`` when the call does not match the inversion.
-    """
-
-    def __init__(self, inversion: Inversion):
-        if not isinstance(inversion, Inversion):
-            raise TypeError(f"InversionGuidance needs a pc.Inversion (from pc.invert), got {type(inversion).__name__}")
-        self.inversion = inversion
-        self._pipe = None
-        self._original_scheduler = None
-        self._warned = False
-
-    def applies_to(self, site: AttentionSite) -> bool:
-        return False
-
-    def bind(self, session: "Session") -> None:
-        pipe = session.pipe
-        if pipe is None or getattr(pipe, "scheduler", None) is None:
-            raise ValueError("sampling from an inversion needs the pipeline (its scheduler), not a bare UNet")
-        self._pipe = pipe
-        self._original_scheduler = pipe.scheduler
-        scheduler = ddim_scheduler(self.inversion.scheduler_config or pipe.scheduler.config)
-        pipe.scheduler = scheduler
-        self._warned = False
-
-    def unbind(self) -> None:
-        if self._pipe is not None and self._original_scheduler is not None:
-            self._pipe.scheduler = self._original_scheduler
-        self._pipe = None
-        self._original_scheduler = None
-
-    def begin_step(self, ctx: StepContext) -> None:
-        inv = self.inversion
-        if ctx.total is not None and ctx.total != inv.steps:
-            raise ValueError(
-                f"the pipeline runs {ctx.total} denoising steps but the inversion has {inv.steps}: pass "
-                f"num_inference_steps={inv.steps} (or invert again with steps={ctx.total})"
-            )
-        if ctx.index >= inv.steps:
-            raise ValueError(f"step {ctx.index} is past the inversion's {inv.steps} steps")
-        if int(round(ctx.timestep)) != inv.timesteps[ctx.index]:
-            raise ValueError(
-                f"step {ctx.index} runs timestep {ctx.timestep:g}, the inversion's is {inv.timesteps[ctx.index]}: "
-                "sample with the inversion's DDIM steps from its x_T (a text-to-image call, strength 1)"
-            )
-        if tuple(ctx.latent_hw) != inv.latent_hw:
-            w, h = inv.size
-            raise ValueError(
-                f"the pipeline's latent is {ctx.latent_hw[0]}×{ctx.latent_hw[1]}, the inversion's {inv.latent_hw[0]}×"
-                f"{inv.latent_hw[1]}: generate at the inverted image's size (height={h}, width={w})"
-            )
-        prompts = ctx.run.prompts if ctx.run is not None else None
-        if prompts and prompts[0] != inv.prompt:
-            raise ValueError(
-                f"the source prompt {prompts[0]!r} is not the prompt the image was inverted with ({inv.prompt!r}): "
-                "put the inversion's prompt first, or invert again with this prompt"
-            )
-        if ctx.index == 0 and not self._warned and inv.method == "null-text" and self._pipe is not None:
-            scale = getattr(self._pipe, "_guidance_scale", None)
-            if scale is not None and abs(float(scale) - inv.guidance_scale) > 1e-6:
-                self._warned = True
-                warnings.warn(
-                    f"guidance_scale={scale:g} differs from the {inv.guidance_scale:g} the null-text embeddings were "
-                    "fitted for: the unedited image will not be reconstructed faithfully",
-                    stacklevel=2,
-                )
-
-    def transform_context(self, ctx: StepContext, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        rows = list(ctx.layout.uncond_rows)
-        if not rows:
-            return encoder_hidden_states
-        null = self.inversion.null_embeddings[ctx.index]  # (K, D)
-        if null.shape != encoder_hidden_states.shape[1:]:
-            raise ValueError(
-                f"the inversion's null embeddings are {tuple(null.shape)} per step but the pipeline's text features "
-                f"are {tuple(encoder_hidden_states.shape[1:])}: was the image inverted with another pipeline?"
-            )
-        out = encoder_hidden_states.clone()
-        out[rows] = null.to(device=out.device, dtype=out.dtype)
-        return out
-
-
-# ---- pc.edit support ---------------------------------------------------------------------------------------------
-def prepare_inversion_edit(pipe, inversion: Inversion, pipe_kwargs: dict) -> tuple[str, InversionGuidance]:
-    """For ``pc.edit(pipe, inversion, edits, ...)``: the source prompt and the controller to add; fills
-    ``pipe_kwargs`` (in place) with x_T, the steps, guidance and size of the inversion.
-
-    Raises ``ValueError`` for arguments that contradict the inversion (other steps, size, latents, several
-    images per prompt).
-    """
-    if not isinstance(inversion, Inversion):
-        raise TypeError(f"expected a pc.Inversion, got {type(inversion).__name__}")
-    own = inversion.pipe_kwargs(pipe)
-    steps = pipe_kwargs.get("num_inference_steps")
-    if steps is not None and int(steps) != inversion.steps:
-        raise ValueError(
-            f"num_inference_steps={steps} does not match the inversion's {inversion.steps} steps: leave it out, "
-            f"or invert again with steps={steps}"
-        )
-    for key in ("height", "width"):
-        if pipe_kwargs.get(key) is not None and int(pipe_kwargs[key]) != own[key]:
-            raise ValueError(f"{key}={pipe_kwargs[key]} does not match the inverted image's {key} {own[key]}: leave it out")
-    if pipe_kwargs.get("latents") is not None:
-        raise ValueError("an edit of an inversion starts from the inversion's x_T: do not pass latents=")
-    for key in ("negative_prompt", "negative_prompt_embeds", "negative_prompt_2"):
-        if pipe_kwargs.get(key) is not None:
-            raise ValueError(
-                f"{key}= has no effect on an edit of an inversion: its null embeddings are the unconditional text "
-                "at every step (invert with method='ddim' and edit from plain prompts to use a negative prompt)"
-            )
-    if int(pipe_kwargs.get("num_images_per_prompt") or 1) != 1:
-        raise ValueError("an edit of an inversion makes one image per prompt (sampling is deterministic): drop num_images_per_prompt")
-    for key, value in own.items():
-        if pipe_kwargs.get(key) is None:
-            pipe_kwargs[key] = value
-    return inversion.prompt, InversionGuidance(inversion)
-
-
 # ---- pc.invert -----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """The module's parameters take no gradients inside the block (their flags are restored after, also on error)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _half(pipe, half: bool | None) -> bool:
     if half is not None:
         return bool(half)
     return _device(pipe).type == "cuda" and pipe.unet.dtype == torch.float32
-
-
-def _autocast(device: torch.device, half: bool):
-    """float16 autocast on ``device`` when ``half``, else nothing."""
-    if not half:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
-
-
-def ddim_trajectory(pipe, x0: torch.Tensor, text: _Text, ddim: DDIMSteps, progress: bool = False) -> torch.Tensor:
-    """(steps + 1, C, h, w) float32: the DDIM inversion of ``x0`` with the conditional prediction (guidance 1)."""
-    steps = len(ddim.timesteps)
-    latents = [x0.float()]
-    x = x0.float()
-    with torch.no_grad(), _progress(steps, progress, "DDIM inversion") as bar:
-        for i in reversed(range(steps)):
-            out = _model_output(pipe.unet, x, ddim.timesteps[i], text.cond, text.added_cond).float()
-            x = ddim.invert(out, i, x)
-            latents.append(x)
-            bar.update()
-    return torch.cat(latents)
-
-
-def null_text_optimisation(
-    pipe, trajectory: torch.Tensor, text: _Text, ddim: DDIMSteps, *, guidance_scale: float, inner_steps: int,
-    lr: float, early_stop: float, progress: bool = False, half: bool = False,
-) -> tuple[torch.Tensor, list[float]]:
-    """Per-step unconditional embeddings (steps, K, D) that make guided DDIM sampling follow ``trajectory``,
-    and the last loss of each step. See the module docstring for the schedule."""
-    unet = pipe.unet
-    steps = len(ddim.timesteps)
-    null = text.uncond.detach().float()  # (1, K, D)
-    x = trajectory[-1:].clone()
-    found, losses = [], []
-    with _frozen(unet), _progress(steps * inner_steps, progress, "null-text inversion") as bar:
-        for i, t in enumerate(ddim.timesteps):
-            target = trajectory[steps - i - 1 : steps - i]
-            with torch.no_grad():
-                out_cond = _model_output(unet, x, t, text.cond, text.added_cond).float()
-            param = null.clone().requires_grad_(True)
-            optimiser = torch.optim.Adam([param], lr=lr * (50.0 / steps) * (1.0 - i / (2.0 * steps)))
-            threshold = early_stop + 2e-5 * i * 50.0 / steps
-            done = 0
-            loss_value = float("nan")
-            for _ in range(inner_steps):
-                with torch.enable_grad(), _autocast(x.device, half):
-                    out_uncond = _model_output(unet, x, t, param, text.added_uncond).float()
-                    guided = out_uncond + guidance_scale * (out_cond - out_uncond)
-                    loss = F.mse_loss(ddim.step(guided, i, x), target)
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimiser.step()
-                loss_value = float(loss.detach())
-                done += 1
-                bar.update()
-                if loss_value < threshold:
-                    break
-            bar.update(inner_steps - done)
-            null = param.detach()
-            del param, optimiser
-            with torch.no_grad():
-                out_uncond = _model_output(unet, x, t, null, text.added_uncond).float()
-                x = ddim.step(out_uncond + guidance_scale * (out_cond - out_uncond), i, x)
-            found.append(null[0].to(text.uncond.dtype))
-            losses.append(loss_value)
-    return torch.stack(found), losses
 
 
 def invert(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcontrol.alignment import edit_images, edit_rows, identity_map, refine_map, replace_map
+from promptcontrol.alignment import edit_images, edit_rows, refine_map, replace_map
 from promptcontrol.context import RunInfo, batch_layout
 from promptcontrol.schedule import Window, schedule, window
 from promptcontrol.testing import clip_tokenizer
@@ -66,9 +66,12 @@ def test_refine_with_removed_words(tok):
     assert torch.equal(m.alpha, torch.ones(77))
 
 
-def test_identity_map(tok):
-    m = identity_map(tokenize(tok, "a cat"))
+@pytest.mark.parametrize("align", [replace_map, refine_map])
+def test_a_prompt_aligned_with_itself_is_the_identity(tok, align):
+    tokens = tokenize(tok, "a cat")
+    m = align(tokens, tokens)
     assert torch.equal(m.matrix, torch.eye(77))
+    assert torch.equal(m.alpha, torch.ones(77))
 
 
 @pytest.mark.parametrize("cfg", [True, False])

@@ -258,3 +258,14 @@ def test_replace_needs_an_edit(sd15):
 def test_self_steps_rejects_per_word():
     with pytest.raises(TypeError, match="cross_steps only"):
         InjectSelf({"cat": 0.3})
+
+
+def test_every_controller_lives_in_the_controllers_package():
+    """One room per idea: the edit, prompt-schedule and inversion-guidance controllers sit beside the others."""
+    import promptcontrol.controllers as controllers
+
+    assert {"AutoEdit", "Refine", "Replace", "PromptSchedule", "InversionGuidance"} <= set(controllers.__all__)
+    for name in controllers.__all__:
+        obj = getattr(controllers, name)
+        if isinstance(obj, type) and issubclass(obj, controllers.Controller):
+            assert obj.__module__.startswith("promptcontrol.controllers."), (name, obj.__module__)

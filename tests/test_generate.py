@@ -194,6 +194,52 @@ def test_prompt_editing_sdxl_switches_pooled_embedding_and_cleans_up(tiny_pipes)
     assert max_diff(got, stock(pipe, "a red car", steps=4, **text_only)) > 1e-6
 
 
+def hooks_per_step(pipe, prompt, steps=4):
+    """How many forward pre-hooks the UNet holds at the end of each step of ``pc.generate(pipe, prompt)``."""
+    counts = []
+
+    def count(p, step, timestep, tensors):
+        counts.append(len(pipe.unet._forward_pre_hooks))
+        return tensors
+
+    gen(pipe, prompt, steps=steps, callback_on_step_end=count)
+    return counts
+
+
+def test_prompt_editing_adds_no_hook_of_its_own(tiny_pipes):
+    """SDXL's pooled embedding is switched through the protocol (transform_inputs), not by a private UNet hook:
+    a run with prompt editing holds the hooks of a run with weights only, at every step."""
+    pipe = tiny_pipes("sdxl")
+    assert hooks_per_step(pipe, "a [red:blue:2] car") == hooks_per_step(pipe, "a (red:1.5) car")
+
+
+def test_prompt_schedule_swaps_the_pooled_embedding_of_its_rows():
+    from promptcontrol.context import RunInfo, StepContext, batch_layout
+    from promptcontrol.controllers.prompt_schedule import PromptSchedule
+
+    g = torch.Generator().manual_seed(0)
+    embeddings, pooled = torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, generator=g)  # (N, K, D), (N, P)
+    schedule = PromptSchedule(embeddings, [[None, None], [None, 1], [0, 1]], pooled)
+    layout = batch_layout(4, RunInfo(prompts=["a", "b"], cfg=True))  # rows [uncond a, uncond b | cond a, cond b]
+    text_embeds, time_ids = torch.randn(4, 3, generator=g), torch.randn(4, 6, generator=g)
+    inputs = {"encoder_hidden_states": torch.randn(4, 5, 4, generator=g),
+              "added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+    kept = text_embeds.clone()
+
+    def at(step):
+        return StepContext(index=step, timestep=999.0, total=3, latent_hw=(8, 8), layout=layout)
+
+    assert schedule.transform_inputs(at(0), inputs) is inputs  # nothing to swap at step 0
+    out = schedule.transform_inputs(at(1), inputs)["added_cond_kwargs"]
+    assert torch.equal(out["text_embeds"], torch.cat([kept[:3], pooled[1:]]))  # prompt b's cond row only
+    assert out["time_ids"] is time_ids
+    out = schedule.transform_inputs(at(2), inputs)["added_cond_kwargs"]
+    assert torch.equal(out["text_embeds"], torch.cat([kept[:2], pooled[[0, 1]]]))
+    assert torch.equal(text_embeds, kept)  # the pipeline's own tensor is not changed in place
+    without_pooled = PromptSchedule(embeddings, [[None, None], [None, 1], [0, 1]])
+    assert without_pooled.transform_inputs(at(2), inputs) is inputs
+
+
 def test_prompt_editing_with_weights(sd15):
     got = gen(sd15, "a [red:(blue:1.5):2] car", steps=4)
     swap = swap_callback(sd15, 2, "a blue car")

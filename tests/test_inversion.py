@@ -14,7 +14,9 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionImg2
 from PIL import Image
 
 import promptcontrol as pc
-from promptcontrol.inversion import DDIMSteps, InversionGuidance, prepare_image
+from promptcontrol.controllers.inversion_guidance import InversionGuidance
+from promptcontrol.ddim import DDIMSteps
+from promptcontrol.inversion import prepare_image
 
 PROMPT = "a red circle and a blue square"
 EDIT = "a red circle and a green square"
@@ -211,7 +213,7 @@ def test_progress_bar(sd15, capsys):
 
 
 def test_unet_flags_restored_when_the_optimisation_fails(sd15):
-    from promptcontrol.inversion import _frozen
+    from promptcontrol.ddim import _frozen
 
     first = next(sd15.unet.parameters())
     first.requires_grad_(False)
@@ -243,6 +245,31 @@ def test_scheduler_and_processors_restored_after_a_mismatched_call(sd15, inversi
             sd15(PROMPT, latents=inv.x_T, num_inference_steps=STEPS + 1, output_type="latent")
     assert sd15.scheduler is scheduler and dict(sd15.unet.attn_processors) == processors
     assert "set_timesteps" not in scheduler.__dict__
+
+
+class PatchLog:
+    """A stand-in session that notes each ``patch(obj, name, value)`` and changes nothing."""
+
+    def __init__(self, pipe):
+        self.pipe, self.patched = pipe, []
+
+    def patch(self, obj, name, value):
+        self.patched.append((obj, name, value))
+
+
+def test_the_scheduler_swap_goes_through_the_session(sd15, inversions):
+    """InversionGuidance asks the session to patch the scheduler (the session restores it); it never sets or puts
+    back a pipeline attribute itself."""
+    _, inv = inversions
+    scheduler = sd15.scheduler
+    guidance, session = InversionGuidance(inv), PatchLog(sd15)
+    guidance.bind(session)
+    assert sd15.scheduler is scheduler
+    guidance.unbind()
+    assert sd15.scheduler is scheduler
+    [(obj, name, value)] = session.patched
+    assert obj is sd15 and name == "scheduler" and isinstance(value, DDIMScheduler)
+    assert value.config.clip_sample is False and value.config.num_train_timesteps == scheduler.config.num_train_timesteps
 
 
 def test_non_ddim_pipeline_scheduler_is_swapped_for_the_call_only(tiny_pipes):

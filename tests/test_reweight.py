@@ -257,7 +257,8 @@ def test_guidance_off_weights_every_row(sd15):
 # ---- steps and sites ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "steps, active",
-    [((1, 3), {1, 2}), ((0.25, 0.75), {1, 2}), ([0, 3], {0, 3}), ((0.0, 1.0), {0, 1, 2, 3}), ((0.5, 0.5), set()), (None, {0, 1, 2, 3})],
+    [((1, 3), {1, 2}), ((0.25, 0.75), {1, 2}), ([0, 3], {0, 3}), ((0.0, 1.0), {0, 1, 2, 3}), ((0.5, 0.5), set()), (None, {0, 1, 2, 3}),
+     (lambda ctx: ctx.index % 2 == 1, {1, 3})],  # the shared vocabulary (schedule.step_filter) takes a function too
 )
 def test_steps_window(sd15, steps, active):
     controller = pc.Reweight({"red": 2.0}, steps=steps)
@@ -290,6 +291,10 @@ def _controlled_keys(pipe):
         ({"levels": [1]}, lambda s: s.level == 1),
         ({"places": "up", "levels": 0}, lambda s: s.place == "up" and s.level == 0),
         (lambda s: s.block == 0, lambda s: s.block == 0),
+        # the shared vocabulary (schedule.site_filter): module paths and patterns, kinds and blocks
+        ("up_blocks.1.*", lambda s: s.key.startswith("up_blocks.1.")),
+        (["mid", "down_blocks.1.attentions.0.*"], lambda s: s.place == "mid" or s.key.startswith("down_blocks.1.attentions.0.")),
+        ({"kinds": "cross", "blocks": 1}, lambda s: s.block == 1),
     ],
 )
 def test_sites_filter(sd15, sites, keep):

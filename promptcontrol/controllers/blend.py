@@ -17,21 +17,18 @@ the attention after the edit has been written into it. Recording materialises pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..alignment import edit_images
-from ..context import StepContext
+from ..context import SessionView, StepContext
 from ..plan import AttentionPlan, maps_used
-from ..schedule import Window, _fraction
+from ..schedule import Window, _fraction, site_filter
 from ..sites import AttentionSite, grid_for
 from ..tokens import tokenize
 from .base import Controller
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..session import Session
 
 Words = Union[str, Sequence[str], Sequence[Sequence[str]]]
 
@@ -54,6 +51,14 @@ def default_blend_levels(sites: Sequence[AttentionSite]) -> tuple[int, ...]:
     return (max(levels),) if levels else ()
 
 
+def _blend_sites(levels: Sequence[int]) -> Callable[[AttentionSite], bool]:
+    """``site -> bool``: the down/up cross-attention sites of ``levels`` (the middle block is left out, as
+    prompt-to-prompt does; none when ``levels`` is empty)."""
+    if not levels:
+        return lambda site: False
+    return site_filter({"kinds": "cross", "places": ("down", "up"), "levels": tuple(levels)}, "LocalBlend levels")
+
+
 class LocalBlend(Controller):
     """Keep the source image's latents outside the region of ``words``.
 
@@ -69,8 +74,10 @@ class LocalBlend(Controller):
         self.threshold = _fraction(threshold, "LocalBlend threshold")
         self.start = _fraction(start, "LocalBlend start")
         self.levels = None if levels is None else tuple(int(v) for v in levels)
+        self._window = Window(self.start, 1.0)  # blending from `start` to the end
+        self._reads: Callable[[AttentionSite], bool] = lambda site: False  # the sites the mask reads: set by bind()
         self.last_mask: torch.Tensor | None = None  # (N_images, 1, H, W) bool, the mask of the last blended step
-        self._session: Session | None = None
+        self._session: SessionView | None = None
         self._reset()
 
     @staticmethod
@@ -93,11 +100,12 @@ class LocalBlend(Controller):
         self._counts: dict[int, int] = {}
 
     # ---- session ----
-    def bind(self, session: "Session") -> None:
+    def bind(self, session: SessionView) -> None:
         self._session = session
         if session.pipe is None:
             raise ValueError("pc.LocalBlend changes latents between steps and needs a pipeline, not a bare UNet")
-        self._levels = self.levels if self.levels is not None else default_blend_levels(session.sites)
+        levels = self.levels if self.levels is not None else default_blend_levels(session.sites)
+        self._reads = _blend_sites(levels)
         self._reset()
 
     def unbind(self) -> None:  # the maps and the last mask stay readable after the session
@@ -139,7 +147,7 @@ class LocalBlend(Controller):
     def uses_site(self, site: AttentionSite) -> bool:
         """Whether the mask reads this site: down/up cross-attention at the blend levels (the middle block is
         left out, as prompt-to-prompt does)."""
-        return site.kind == "cross" and site.place in ("down", "up") and site.level in self._levels
+        return self._reads(site)
 
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self.uses_site(site) and bool(edit_images(ctx.layout))
@@ -172,7 +180,7 @@ class LocalBlend(Controller):
 
     def transform_latents(self, ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
         pairs = edit_images(ctx.layout)
-        if not pairs or ctx.total is None or not Window(self.start, 1.0).contains(ctx.index, ctx.total):
+        if not pairs or ctx.total is None or not self._window.contains(ctx.index, ctx.total):
             return latents
         maps = self.mean_maps()
         if maps is None:

@@ -13,25 +13,29 @@ Unconditional rows are left alone, as prompt-to-prompt does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..alignment import edit_rows
-from ..context import StepContext
+from ..context import SessionView, StepContext
 from ..plan import IDENTITY, AttentionPlan, AttentionTerm
-from ..schedule import WindowLike, window
+from ..schedule import WindowLike, site_filter, window
 from ..sites import AttentionSite
 from .base import Controller
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..session import Session
 
 
 def default_self_levels(sites: Sequence[AttentionSite], count: int = 2) -> tuple[int, ...]:
     """The ``count`` coarsest levels that have self-attention (prompt-to-prompt's ≤16² layers at 512²)."""
     levels = sorted({s.level for s in sites if s.kind == "self"})
     return tuple(levels[-count:])
+
+
+def _self_sites(levels: Sequence[int]) -> Callable[[AttentionSite], bool]:
+    """``site -> bool``: the self-attention sites of ``levels`` (none when ``levels`` is empty)."""
+    if not levels:
+        return lambda site: False
+    return site_filter({"kinds": "self", "levels": tuple(levels)}, "self_levels")
 
 
 class InjectSelf(Controller):
@@ -46,16 +50,17 @@ class InjectSelf(Controller):
             raise TypeError("self_steps takes a fraction or a (start, end) pair; per-word schedules apply to cross_steps only")
         self.window = window(steps, "self_steps")
         self.levels = None if levels is None else tuple(int(v) for v in levels)
-        self._levels: tuple[int, ...] = self.levels or ()  # the default levels are set by bind()
+        self._at_site = _self_sites(self.levels or ())  # the default levels are set by bind()
         self._device: torch.device | str = "cpu"
         self._plan: AttentionPlan = IDENTITY
 
     def applies_to(self, site: AttentionSite) -> bool:
         """Self-attention sites of the chosen levels only (the session binds first, so defaults are known)."""
-        return site.kind == "self" and not self.window.is_empty and site.level in self._levels
+        return not self.window.is_empty and self._at_site(site)
 
-    def bind(self, session: "Session") -> None:
-        self._levels = self.levels if self.levels is not None else default_self_levels(session.sites)
+    def bind(self, session: SessionView) -> None:
+        levels = self.levels if self.levels is not None else default_self_levels(session.sites)
+        self._at_site = _self_sites(levels)
         param = next(session.unet.parameters(), None)
         self._device = param.device if param is not None else "cpu"
 
@@ -77,7 +82,7 @@ class InjectSelf(Controller):
         self._plan = AttentionPlan((AttentionTerm(qk_rows=rows.to(self._device)),))
 
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
-        if self._plan.is_identity or site.level not in self._levels:
+        if self._plan.is_identity or not self._at_site(site):
             return plan
         if not plan.is_identity:
             raise ValueError("self-attention injection must come first among the controllers acting on self-attention")

@@ -1,4 +1,5 @@
-"""``pc.Replace``: swap words and keep the layout (prompt-to-prompt's ``AttentionReplace``), on fused SDPA.
+"""``pc.Replace`` and ``pc.Refine``: swap, add or remove words and keep the layout (prompt-to-prompt's
+``AttentionReplace`` / ``AttentionRefine``), on fused SDPA.
 
 The batch holds one source prompt (prompt index 0) and any number of edited prompts (indices 1..N), e.g.
 ``pipe([source, edit_1, edit_2], latents=same_noise)``. At each cross-attention site, inside the step window,
@@ -8,29 +9,32 @@ every edited prompt's conditional row attends with the *source* map carried onto
     out_edit = P'_edit @ V_edit
              = sdpa(q_src, k_src, M · diag(w) · V_edit) + sdpa(q_edit, k_edit, diag(1 - w) · V_edit)
 
-so no attention map is materialised (the second term is dropped when ``w`` is 1 for every token). The source
-row and every unconditional row are left as they are: prompt-to-prompt edits the conditional half of the
-batch only (``attn[h // 2:] = forward(attn[h // 2:])``), so the unconditional rows of the edited images run
-their own attention. :class:`PromptEdit` holds what replace and refine share; they differ only in the
-alignment (see :mod:`promptcontrol.alignment`).
+so no attention map is materialised (the second term is dropped when ``w`` is 1 for every token). The two edits
+differ only in the alignment ``M``, ``alpha`` (see :mod:`promptcontrol.alignment`):
+
+* Replace (same number of words): ``M`` carries each source word's map onto the edited word in its place
+  (spread evenly over its tokens when it becomes more of them), ``alpha`` is 1 everywhere;
+* Refine (words added or removed): ``M`` is the 0/1 selection matrix of the common tokens, ``alpha`` is 0 at new
+  tokens, which keep their own map.
+
+The source row and every unconditional row are left as they are: prompt-to-prompt edits the conditional half of
+the batch only (``attn[h // 2:] = forward(attn[h // 2:])``), so the unconditional rows of the edited images run
+their own attention. :class:`PromptEdit` holds what both share.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-from ..alignment import TokenMap, edit_rows, replace_map
-from ..context import StepContext
+from ..alignment import TokenMap, edit_rows, refine_map, replace_map
+from ..context import SessionView, StepContext
 from ..plan import IDENTITY, AttentionPlan, AttentionTerm
 from ..schedule import Schedule, ScheduleLike, schedule
 from ..sites import AttentionSite
 from ..tokens import PromptTokens, tokenize
 from .base import Controller
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..session import Session
 
 
 def edit_plan(
@@ -97,7 +101,7 @@ class PromptEdit(Controller):
         raise NotImplementedError
 
     # ---- session -----------------------------------------------------------------------------------------
-    def bind(self, session: "Session") -> None:
+    def bind(self, session: SessionView) -> None:
         self._tokenizer = session.tokenizer
         if self._tokenizer is None:
             raise ValueError(
@@ -175,9 +179,6 @@ class PromptEdit(Controller):
             self._plan = edit_plan(ctx.batch_size, edits, self._maps[0].size, self._device)
             self._plan_key = key
 
-    def end_step(self, ctx: StepContext) -> None:
-        pass
-
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
         if self._plan.is_identity:
             return plan
@@ -200,3 +201,15 @@ class Replace(PromptEdit):
 
     def token_map(self, source: PromptTokens, edit: PromptTokens) -> TokenMap:
         return replace_map(source, edit)
+
+
+class Refine(PromptEdit):
+    """Words added or removed (prompt-to-prompt ``AttentionRefine``): new tokens keep their own map.
+
+    ``pc.Refine(cross_steps=0.8)`` in ``pc.control(pipe, ...)`` with ``pipe([source, edit, ...])``.
+    """
+
+    name = "Refine"
+
+    def token_map(self, source: PromptTokens, edit: PromptTokens) -> TokenMap:
+        return refine_map(source, edit)

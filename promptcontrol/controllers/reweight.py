@@ -22,21 +22,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import Any, Union
 
 import torch
 
-from ..context import StepContext
+from ..context import SessionView, StepContext
 from ..plan import AttentionPlan
+from ..schedule import PLACES, site_filter, step_filter
 from ..sites import AttentionSite
 from ..tokens import PromptTokens, tokenize
 from .base import Controller
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..session import Session
-
 MODES = ("attention", "softmax", "embedding")
-PLACES = ("down", "mid", "up")
 
 Key = Union[str, int, tuple]  # a word/phrase, a token position, or (word, occurrence)
 Weights = Mapping[Key, float]
@@ -118,78 +115,16 @@ def _check_weights(weights: Any, mode: str) -> tuple[bool, list[dict[Key, float]
     )
 
 
-def step_filter(steps: Any) -> Callable[[StepContext], bool]:
-    """``ctx -> bool`` for a steps spec.
-
-    ``None``: every step. A pair ``(start, end)`` of floats: fractions in [0, 1], step ``i`` of ``T`` is in when
-    ``int(start*T) <= i < int(end*T)`` (prompt-to-prompt's rule). A pair of ints: step indices, ``start <= i < end``.
-    A list / range / set of ints: exactly those step indices.
-    """
-    if steps is None:
-        return lambda ctx: True
-    if isinstance(steps, tuple) and len(steps) == 2 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in steps
-    ):
-        start, end = steps
-        if isinstance(start, float) or isinstance(end, float):
-            if not (0.0 <= start <= end <= 1.0):
-                raise ValueError(f"Reweight: steps={steps!r} as fractions needs 0 <= start <= end <= 1")
-
-            def in_fraction_window(ctx: StepContext) -> bool:
-                if not ctx.total:
-                    raise ValueError(
-                        "Reweight: steps given as fractions need the number of steps, which a bare UNet call does "
-                        "not tell; give step indices instead, e.g. steps=(0, 10) or steps=[0, 1, 2]"
-                    )
-                first, stop = int(start * ctx.total + 1e-9), int(end * ctx.total + 1e-9)
-                return first <= ctx.index < stop
-
-            return in_fraction_window
-        if start < 0 or end < start:
-            raise ValueError(f"Reweight: steps={steps!r} as step indices needs 0 <= start <= end")
-        return lambda ctx: start <= ctx.index < end
-    if isinstance(steps, (list, range, set, frozenset)):
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps):
-            raise ValueError(f"Reweight: steps as a list must hold step indices (ints >= 0), got {steps!r}")
-        chosen = frozenset(steps)
-        return lambda ctx: ctx.index in chosen
-    raise TypeError(
-        "Reweight: steps must be None, a (start, end) pair of fractions (floats in [0, 1]) or of step indices (ints), "
-        f"or a list of step indices; got {steps!r}"
-    )
-
-
-def site_filter(sites: Any) -> Callable[[AttentionSite], bool]:
-    """``site -> bool`` for a sites spec: ``None`` (all), a callable, a place or places (``"up"``, ``["down",
-    "up"]``), or a dict with ``places`` and/or ``levels`` (as :func:`promptcontrol.sites.select_sites`)."""
-    if sites is None:
-        return lambda site: True
-    if callable(sites):
-        return sites
-    if isinstance(sites, str):
-        sites = {"places": [sites]}
-    elif isinstance(sites, Sequence) and all(isinstance(s, str) for s in sites):
-        sites = {"places": list(sites)}
-    if not isinstance(sites, Mapping):
-        raise TypeError(
-            "Reweight: sites must be a callable on AttentionSite, a place ('down', 'mid', 'up'), a list of places or "
-            f"a dict with 'places' and/or 'levels'; got {sites!r}"
+def _check_site_words(sites: Any) -> None:
+    """Refuse a bare word that is no place (``"left"``): it would name no module either, so the filter would keep
+    no site. Module paths and patterns (``"up_blocks.1.*"``) hold a dot or a wildcard."""
+    words = [sites] if isinstance(sites, str) else sites if isinstance(sites, (list, tuple)) else []
+    bad = [w for w in words if isinstance(w, str) and w not in PLACES and not any(c in w for c in ".*?[")]
+    if bad:
+        raise ValueError(
+            f"Reweight: unknown place(s) {bad}; places are {', '.join(PLACES)} (or give module paths or patterns, "
+            "e.g. 'up_blocks.1.*')"
         )
-    unknown = set(sites) - {"places", "levels"}
-    if unknown:
-        raise ValueError(f"Reweight: unknown sites filter key(s) {sorted(unknown)}; use 'places' and/or 'levels'")
-    places = sites.get("places")
-    levels = sites.get("levels")
-    if places is not None:
-        places = [places] if isinstance(places, str) else list(places)
-        bad = [p for p in places if p not in PLACES]
-        if bad:
-            raise ValueError(f"Reweight: unknown place(s) {bad}; places are {', '.join(PLACES)}")
-    if levels is not None:
-        levels = [levels] if isinstance(levels, int) else list(levels)
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in levels):
-            raise ValueError(f"Reweight: levels must be ints >= 0, got {levels!r}")
-    return lambda site: (places is None or site.place in places) and (levels is None or site.level in levels)
 
 
 # ---- the controller ---------------------------------------------------------------------------------------
@@ -201,9 +136,12 @@ class Reweight(Controller):
     second prompt). A word or phrase means every occurrence of it; a single dict applies to every prompt and each
     of its words must be in each prompt. Words are found in the pipeline's ``prompt`` (SDXL: token positions
     are shared by both text encoders, so a different ``prompt_2`` is weighted at the same positions).
-    ``steps``: ``None`` (all), ``(start, end)`` fractions (floats) or step indices (ints, end excluded), or a list
-    of step indices. ``sites``: ``None``, a place, places, ``{"places": ..., "levels": ...}`` or a callable on
-    :class:`~promptcontrol.sites.AttentionSite` (not for ``mode="embedding"``, which acts on the UNet's text input).
+    ``steps`` and ``sites`` are the vocabulary of every controller (:func:`promptcontrol.schedule.step_filter`,
+    :func:`promptcontrol.schedule.site_filter`). ``steps``: ``None`` (all), ``(start, end)`` fractions (floats) or
+    step indices (ints, end excluded), a list of step indices, or a callable on the
+    :class:`~promptcontrol.context.StepContext`. ``sites``: ``None``, a place, module paths or patterns, a list of
+    those, a dict (``places``, ``levels``, ``blocks``, ...) or a callable on :class:`~promptcontrol.sites.AttentionSite`
+    (not for ``mode="embedding"``, which acts on the UNet's text input); only cross-attention sites are weighted.
 
     ``negative``: weights for the *unconditional* rows (the negative prompt), as ``{token position: w}`` or a
     list of them per prompt index — token positions only, since the session does not see the negative prompt's
@@ -235,9 +173,10 @@ class Reweight(Controller):
                         "the prompts' text but not the negative prompt's; pc.generate computes the positions for you"
                     )
         self.steps = steps
-        self._in_window = step_filter(steps)
-        self._at_site = site_filter(sites)
-        self._session: Session | None = None
+        self._in_window = step_filter(steps, "steps")
+        _check_site_words(sites)
+        self._at_site = site_filter(sites, "sites")
+        self._session: SessionView | None = None
         self._reset()
 
     def __repr__(self) -> str:
@@ -260,7 +199,7 @@ class Reweight(Controller):
     def applies_to(self, site: AttentionSite) -> bool:
         return self.mode != "embedding" and site.kind == "cross" and bool(self._at_site(site))
 
-    def bind(self, session: "Session") -> None:
+    def bind(self, session: SessionView) -> None:
         self._session = session
         self._reset()
 
@@ -407,7 +346,7 @@ def resolve_positions(
     return {p: w for p, (w, _) in sorted(chosen.items()) if w != 1.0}
 
 
-def _feature_groups(session: "Session | None", features: int) -> list[tuple[int, int]]:
+def _feature_groups(session: "SessionView | None", features: int) -> list[tuple[int, int]]:
     """Feature slices of the text input, one per text encoder (SDXL concatenates two), for the mean restore."""
     pipe = getattr(session, "pipe", None)
     first = getattr(pipe, "text_encoder", None)
