@@ -206,6 +206,12 @@ def site_filter(spec: SiteSpec, what: str = "sites") -> Callable[[Any], bool]:
             raise TypeError(f"{what} as a list must hold places or module paths (str); got {spec!r}")
         places = tuple(s for s in items if s in PLACES)
         patterns = tuple(s for s in items if s not in PLACES)
+        bare = [s for s in patterns if not any(c in s for c in ".*?[")]  # no place, no path, no pattern: a typo
+        if bare:
+            raise ValueError(
+                f"unknown place(s) {bare} in {what}; places are {', '.join(PLACES)}, or give module paths / patterns "
+                "such as 'up_blocks.1.*' or 'transformer_blocks.3.attn'"
+            )
         return lambda site: site.place in places or _name_matches(site, patterns)
     if not isinstance(spec, Mapping):
         raise TypeError(

@@ -14,7 +14,7 @@ import torch
 
 import promptcontrol as pc
 from promptcontrol.controllers.inject import InjectSelf
-from promptcontrol.editing import AutoEdit
+from promptcontrol.controllers.edit import AutoEdit
 
 PROMPT = "a red car"
 EDIT = ["a red car", "a blue car"]

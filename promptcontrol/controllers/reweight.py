@@ -28,7 +28,7 @@ import torch
 
 from ..context import SessionView, StepContext
 from ..plan import AttentionPlan
-from ..schedule import PLACES, site_filter, step_filter
+from ..schedule import site_filter, step_filter
 from ..sites import AttentionSite
 from ..tokens import PromptTokens, tokenize
 from .base import Controller
@@ -115,18 +115,6 @@ def _check_weights(weights: Any, mode: str) -> tuple[bool, list[dict[Key, float]
     )
 
 
-def _check_site_words(sites: Any) -> None:
-    """Refuse a bare word that is no place (``"left"``): it would name no module either, so the filter would keep
-    no site. Module paths and patterns (``"up_blocks.1.*"``) hold a dot or a wildcard."""
-    words = [sites] if isinstance(sites, str) else sites if isinstance(sites, (list, tuple)) else []
-    bad = [w for w in words if isinstance(w, str) and w not in PLACES and not any(c in w for c in ".*?[")]
-    if bad:
-        raise ValueError(
-            f"Reweight: unknown place(s) {bad}; places are {', '.join(PLACES)} (or give module paths or patterns, "
-            "e.g. 'up_blocks.1.*')"
-        )
-
-
 # ---- the controller ---------------------------------------------------------------------------------------
 class Reweight(Controller):
     """Weight words of the prompt in cross-attention (see the module docstring for the three modes).
@@ -174,7 +162,6 @@ class Reweight(Controller):
                     )
         self.steps = steps
         self._in_window = step_filter(steps, "steps")
-        _check_site_words(sites)
         self._at_site = site_filter(sites, "sites")
         self._session: SessionView | None = None
         self._reset()
