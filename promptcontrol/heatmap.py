@@ -1,41 +1,35 @@
-"""Per-word heat maps from recorded cross-attention: aggregation, upsampling, normalisation, pictures, export.
+"""Per-word heat maps from a :class:`~promptcontrol.recording.Recording`: aggregation, upsampling, normalisation.
 
-How a word's map is made (every step is a parameter of :func:`build_heatmaps` / ``tr.heatmaps``):
+Pictures and files come from :mod:`promptcontrol.images`. How a word's map is made (each step a parameter of
+:func:`build_heatmaps` / ``tr.heatmaps``; ``docs/inspect.md`` has the measurements behind the defaults):
 
-1. **Per site**: the mean of the recorded attention maps over steps and heads (``(K, h, w)``; at every position the
-   K token values sum to 1). ``steps=`` (needs ``per_step=True``) and ``heads=`` (needs ``per_head=True``) restrict
-   the mean; ``places=``, ``levels=`` and ``sites=`` choose the sites. By default every recorded site but the mid
-   block's (as DAAM, whose hooks skip it): on the embedded model its colour-word maps are poor (see
-   ``docs/inspect.md``). It stays when nothing else was recorded, when ``places=``/``sites=`` name it, and for
-   ``per_step="level"`` recordings (whose per-step maps mix every site of a level).
-2. **Per level** (resolution): the plain mean of the site maps of that level, at the level's own resolution.
-3. **Across levels**: each level's map is upsampled to the output size and the levels are averaged with weights
-   set by ``weighting``: ``"level"`` (default) — every level counts the same, so SDXL's sixty 32×32 layers do not
-   outvote its ten 64×64 ones; ``"resolution"`` — weight ∝ the level's grid h·w, i.e. 4^-level (favours the
-   sharp maps); ``"layer"`` — every site counts the same; or a ``{level: weight}`` dict. Weights are normalised to
-   sum to 1. (DAAM 0.2 averages every (site, head) pair: ``{level: heads summed over the level's sites}``.)
-4. **Word**: the sum of the token maps of the word's token positions (a multi-token word such as
-   "photorealistic" is the union of its pieces; a phrase the union of its words; a repeated word all its
-   occurrences unless ``occurrence=`` picks one). Each token is upsampled on its own, so a word's map is exactly
-   the sum of its tokens' maps.
-5. **Upsampling**: ``torch.nn.functional.interpolate`` to the image's pixel size (height × width, any aspect),
-   ``interpolation="bicubic"`` (default, as DAAM; sharper; each token map clamped at 0) or ``"bilinear"`` (a convex
-   mix: the token values still sum to 1 at every pixel), ``align_corners=False``.
-6. **Normalisation** ``normalize=``: ``"word"`` (default) — each map min-max scaled to [0, 1] on its own;
-   ``"global"`` — every map divided by the largest value over the prompt's word maps, so words can be compared
-   (0 stays 0; a phrase, being a sum of words, can exceed 1); ``None`` — the raw attention mass (mean
-   probability summed over the word's tokens, in [0, 1]).
+1. **Per site**: the mean of the recorded maps over steps and heads, (K, h, w), whose K token values sum to 1 at
+   every position. ``steps=`` (needs ``per_step=True``) and ``heads=`` (needs ``per_head=True``) restrict the
+   mean; ``sites=`` (:func:`promptcontrol.schedule.site_filter`) picks the sites: by default every recorded site
+   but the mid block's (as DAAM). The mid block stays when nothing else was recorded, when ``sites=`` says more
+   than levels (a place, a name, a function) and for ``per_step="level"`` recordings.
+2. **Per level**: the plain mean of the level's site maps, at the level's own resolution.
+3. **Across levels**: each level upsampled to the output size, averaged with ``weighting``: ``"level"`` (default,
+   every level the same, so SDXL's sixty 32×32 layers do not outvote its ten 64×64 ones), ``"resolution"``
+   (∝ the level's h·w, 4^-level), ``"layer"`` (every site the same) or a ``{level: weight}`` dict; normalised to
+   sum to 1 (DAAM 0.2's (site, head) mean is ``{level: heads summed over the level's sites}``).
+4. **Word**: the sum of the maps of its token positions (a multi-token word is the union of its pieces, a phrase
+   of its words, a repeated word of all its occurrences unless ``occurrence=`` picks one); each token is
+   upsampled on its own, so a word's map is exactly the sum of its tokens' maps.
+5. **Upsampling**: ``F.interpolate(..., align_corners=False)`` to the image's pixel size (any aspect),
+   ``interpolation="bicubic"`` (default, as DAAM; each token map clamped at 0) or ``"bilinear"`` (a convex mix).
+6. **Normalisation** ``normalize=``: ``"word"`` (default, each map min-max scaled on its own), ``"global"`` (all
+   divided by the largest word map's peak, so words compare; 0 stays 0) or ``None`` (the raw attention mass).
 
-The start token, the end token and the padding are never part of a word; ask for them with
-:meth:`HeatMaps.special` or :meth:`HeatMaps.token`.
+The start token, the end token and the padding are never part of a word: :meth:`HeatMaps.special`,
+:meth:`HeatMaps.token`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,18 +37,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import images
+from .recording import Recording, fold_place_level, truncation_message  # noqa: F401 (truncation_message: its old home)
 from .sites import AttentionSite
-from .tokens import PromptTokens, Word, tokenize
+from .tokens import PromptTokens, Word
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
-
-    from .controllers.store import AttentionStore
 
 NORMALIZE = ("word", "global", None)
 INTERPOLATION = ("bilinear", "bicubic")
 WEIGHTING = ("level", "resolution", "layer")
 Level = tuple[float, torch.Tensor]  # (weight, (K, h, w) float32)
+
+
+def _check(*, interpolation: str = "bicubic", normalize: str | None = "word") -> None:
+    if interpolation not in INTERPOLATION:
+        raise ValueError(f"interpolation must be one of {INTERPOLATION}; got {interpolation!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be 'word', 'global' or None; got {normalize!r}")
 
 
 # ---- pure tensor functions ---------------------------------------------------------------------------------
@@ -93,8 +94,7 @@ def aggregate(
 
 def upsample(maps: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """``maps`` (n, h, w) → (n, H, W) with ``F.interpolate(mode=interpolation, align_corners=False)``."""
-    if interpolation not in INTERPOLATION:
-        raise ValueError(f"interpolation must be one of {INTERPOLATION}; got {interpolation!r}")
+    _check(interpolation=interpolation)
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     out = F.interpolate(maps[None].float(), size=tuple(size), mode=interpolation, align_corners=False)[0]
@@ -114,106 +114,6 @@ def min_max(m: torch.Tensor) -> torch.Tensor:
     """``m`` scaled to [0, 1] by its own minimum and maximum (a constant map gives zeros)."""
     lo, hi = m.min(), m.max()
     return (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
-
-
-# ---- pictures ----------------------------------------------------------------------------------------------
-def _image_array(image: Any) -> np.ndarray:
-    """An image (PIL, HWC uint8/float array, CHW/HWC tensor) as float32 RGB (H, W, 3) in [0, 1]."""
-    if hasattr(image, "convert"):  # PIL
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    arr = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = arr.transpose(1, 2, 0)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an image (PIL, H×W×3 array or tensor); got shape {arr.shape}")
-    arr = arr[..., :3].astype(np.float32)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.max() > 1.0:
-        arr = arr / 255.0
-    return np.clip(arr, 0.0, 1.0)
-
-
-def _colour(heat: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
-    import matplotlib
-
-    scaled = np.clip((heat - vmin) / (vmax - vmin), 0.0, 1.0) if vmax > vmin else np.zeros_like(heat)
-    return matplotlib.colormaps[cmap](scaled)[..., :3].astype(np.float32)
-
-
-def _resize(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return upsample(heat[None], size, "bilinear")[0] if tuple(heat.shape) != tuple(size) else heat
-
-
-def _blend(heat: torch.Tensor, image: Any, cmap: str, alpha: float, vmin: float, vmax: float) -> np.ndarray:
-    """RGB (H, W, 3) in [0, 1]: the colour-mapped heat over the image (or alone when ``image`` is None)."""
-    if image is None:
-        return _colour(heat.numpy(), cmap, vmin, vmax)
-    base = _image_array(image)
-    heat = _resize(heat, base.shape[:2])
-    return (1.0 - alpha) * base + alpha * _colour(heat.numpy(), cmap, vmin, vmax)
-
-
-def _to_pil(rgb: np.ndarray) -> "Image.Image":
-    from PIL import Image
-
-    return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
-
-
-def _figure_to_pil(fig) -> "Image.Image":
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
-
-
-def _panels(
-    panels: list[tuple[str, np.ndarray]], cmap: str, vmin: float, vmax: float, legend: bool, cols: int | None
-) -> "Image.Image":
-    """One picture of labelled panels (RGB arrays) in a grid, with a colour bar for the heat scale."""
-    from matplotlib import cm, colors
-    from matplotlib.figure import Figure
-
-    n = len(panels)
-    cols = max(1, min(cols or n, n))
-    rows = math.ceil(n / cols)
-    h, w = panels[0][1].shape[:2]
-    cell = 2.0
-    aspect = w / h
-    fig = Figure(figsize=(cols * cell * aspect + (0.8 if legend else 0.0), rows * (cell + 0.35)), dpi=100, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            label, rgb = panels[i]
-            ax.imshow(rgb, interpolation="nearest")
-            ax.set_title(label, fontsize=9)
-    if legend:
-        mappable = cm.ScalarMappable(norm=colors.Normalize(vmin=vmin, vmax=vmax), cmap=cmap)
-        fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.04, pad=0.02)
-    return _figure_to_pil(fig)
-
-
-# ---- export ------------------------------------------------------------------------------------------------
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    elif suffix == ".npz":
-        arrays = {k: v.numpy() for k, v in tensors.items()}
-        np.savez(path, **arrays, **{f"meta_{k}": np.array(v) for k, v in metadata.items()})
-    elif suffix == ".npy" and len(tensors) == 1:
-        np.save(path, next(iter(tensors.values())).numpy())
-    elif suffix == ".pt":
-        torch.save({"maps": tensors, "metadata": metadata}, path)
-    else:
-        raise ValueError(f"cannot save heat maps as {suffix or 'a file without suffix'}: use .safetensors, .npz, .pt or .png")
 
 
 class HeatMap:
@@ -240,26 +140,14 @@ class HeatMap:
         arr = self.tensor.numpy()
         return arr.astype(dtype) if dtype is not None else arr
 
-    def _range(self) -> tuple[float, float]:
-        """Colour scale (vmin, vmax): [0, 1] for normalised maps (wider if a global-scaled phrase exceeds 1)."""
-        peak = float(self.tensor.max())
-        if self.normalize == "word":
-            return 0.0, 1.0
-        if self.normalize == "global":
-            return 0.0, max(1.0, peak)
-        return 0.0, max(peak, 1e-12)
-
     def overlay(self, image: Any = None, *, cmap: str = "jet", alpha: float = 0.5, legend: bool = False) -> "Image.Image":
         """The map in colour over ``image`` (PIL / array / tensor; resized to the image), or alone without one.
 
         ``legend=False`` gives a picture of exactly the image's size; ``legend=True`` a labelled figure with a
         colour bar.
         """
-        vmin, vmax = self._range()
-        rgb = _blend(self.tensor, image, cmap, alpha, vmin, vmax)
-        if not legend:
-            return _to_pil(rgb)
-        return _panels([(self.label, rgb)], cmap, vmin, vmax, True, 1)
+        label = self.label if legend else None
+        return images.overlay(self.tensor, image, self.normalize, cmap=cmap, alpha=alpha, label=label)
 
     def save(self, path: str | Path, image: Any = None, **overlay_options) -> Path:
         """Save as a picture (``.png``/``.jpg``: :meth:`overlay`) or as data (``.safetensors``, ``.npz``, ``.npy``, ``.pt``)."""
@@ -267,7 +155,7 @@ class HeatMap:
         if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
             self.overlay(image, **overlay_options).save(path)
         else:
-            _save_tensors(path, {"map": self.tensor}, {"label": self.label, "normalize": str(self.normalize)})
+            images.save_tensors(path, {"map": self.tensor}, {"label": self.label, "normalize": str(self.normalize)})
         return path
 
     def __repr__(self) -> str:
@@ -295,11 +183,9 @@ class HeatMaps:
         image_index: int | None = None,
         step_levels: Callable[[int], list[Level]] | None = None,
         recorded_steps: list[int] | None = None,
+        pick_steps: Callable[[Any], list[int]] | None = None,
     ):
-        if normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be 'word', 'global' or None; got {normalize!r}")
-        if interpolation not in INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {INTERPOLATION}; got {interpolation!r}")
+        _check(interpolation=interpolation, normalize=normalize)
         self.levels = levels
         self.tokens = tokens
         self.size = (int(size[0]), int(size[1]))
@@ -310,6 +196,7 @@ class HeatMaps:
         self.image_index = image_index
         self._step_levels = step_levels
         self._recorded_steps = recorded_steps or []
+        self._pick_steps = pick_steps if pick_steps is not None else list  # a steps= spec -> step indices
         self._raw: dict[tuple[int, ...], torch.Tensor] = {}
         self._global: float | None = None
 
@@ -377,8 +264,7 @@ class HeatMaps:
 
     def _map(self, positions: Iterable[int], label: str, normalize="default") -> HeatMap:
         normalize = self.normalize if normalize == "default" else normalize
-        if normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be 'word', 'global' or None; got {normalize!r}")
+        _check(normalize=normalize)
         positions = tuple(sorted(set(positions)))
         return HeatMap(self._normalised(self.raw(positions), normalize), label, positions, normalize)
 
@@ -453,7 +339,7 @@ class HeatMaps:
             "normalize": str(maps[0].normalize if maps else self.normalize),
             "size": json.dumps(list(self.size)),
         }
-        _save_tensors(path, tensors, metadata)
+        images.save_tensors(path, tensors, metadata)
         return path
 
     # ---- pictures ------------------------------------------------------------------------------------------
@@ -475,25 +361,22 @@ class HeatMaps:
             maps = [self.word(w, normalize=normalize) for w in words]
         if not maps:
             raise ValueError("the prompt has no words to draw")
-        norm = maps[0].normalize
-        vmax = 1.0 if norm is not None else max(float(m.tensor.max()) for m in maps)
-        if norm == "global":
-            vmax = max(1.0, max(float(m.tensor.max()) for m in maps))
-        panels = [] if image is None else [("image", _image_array(image))]
-        base = panels[0][1] if panels else None
-        for m in maps:
-            panels.append((m.label, _blend(m.tensor, base, cmap, alpha, 0.0, vmax)))
-        return _panels(panels, cmap, 0.0, vmax, legend, cols or min(len(panels), 6))
+        norm, peak = maps[0].normalize, max(float(m.tensor.max()) for m in maps)
+        vmax = 1.0 if norm == "word" else max(1.0, peak) if norm == "global" else peak
+        cols = cols or min(len(maps) + (image is not None), 6)
+        labelled = [(m.label, m.tensor) for m in maps]
+        return images.heat_panels(labelled, image, vmax, cmap=cmap, alpha=alpha, legend=legend, cols=cols, show_image=True)
 
-    def step_maps(self, query: str, occurrence: int | None = None, *, steps: Iterable[int] | None = None) -> list[tuple[int, torch.Tensor]]:
-        """Raw maps (H, W) of a word at each recorded step: [(step, map)] (needs ``per_step=True``)."""
+    def step_maps(self, query: str, occurrence: int | None = None, *, steps: Any = None) -> list[tuple[int, torch.Tensor]]:
+        """Raw maps (H, W) of a word at each recorded step (``steps``: a ``steps=`` spec among them): [(step, map)]
+        (needs ``per_step=True``)."""
         if self._step_levels is None:
             raise ValueError(
                 "no per-step maps for these heat maps: record with pc.trace(pipe, per_step=True) for the per-step "
                 "strip (per_step='level' keeps them for whole levels only, not for a choice of places, sites or heads)"
             )
         positions = self._positions(query, occurrence)
-        chosen = list(self._recorded_steps if steps is None else steps)
+        chosen = list(self._recorded_steps) if steps is None else self._pick_steps(steps)
         missing = [s for s in chosen if s not in self._recorded_steps]
         if missing:
             raise ValueError(f"steps {missing} were not recorded; recorded steps: {self._recorded_steps}")
@@ -505,7 +388,7 @@ class HeatMaps:
         image: Any = None,
         *,
         occurrence: int | None = None,
-        steps: Iterable[int] | None = None,
+        steps: Any = None,
         cmap: str = "jet",
         alpha: float = 0.5,
         legend: bool = True,
@@ -521,143 +404,93 @@ class HeatMaps:
         if self.normalize is not None:
             stacked = min_max(stacked)  # one min and max for the whole strip
         vmax = 1.0 if self.normalize is not None else max(float(stacked.max()), 1e-12)
-        base = None if image is None else _image_array(image)
-        panels = [(f"{query} · step {s}", _blend(m, base, cmap, alpha, 0.0, vmax)) for (s, _), m in zip(frames, stacked)]
-        return _panels(panels, cmap, 0.0, vmax, legend, cols or min(len(panels), 8))
+        labelled = [(f"{query} · step {s}", m) for (s, _), m in zip(frames, stacked)]
+        cols = cols or min(len(labelled), 8)
+        return images.heat_panels(labelled, image, vmax, cmap=cmap, alpha=alpha, legend=legend, cols=cols, show_image=False)
 
     def __repr__(self) -> str:
         h, w = self.size
         return f"HeatMaps({self.prompt!r}, {h}x{w}, words={self.words}, normalize={self.normalize!r})"
 
 
-# ---- from a store --------------------------------------------------------------------------------------------
-def _site_selection(sites, places, levels) -> Callable[[AttentionSite], bool]:
-    names = None if sites is None or callable(sites) else ({sites} if isinstance(sites, str) else set(sites))
-
-    def keep(site: AttentionSite) -> bool:
-        if places is not None and site.place not in places:
-            return False
-        if levels is not None and site.level not in levels:
-            return False
-        if names is not None:
-            return site.key in names or site.module_path in names
-        if callable(sites):
-            return bool(sites(site))
-        return True
-
-    return keep
-
-
+# ---- from a recording ------------------------------------------------------------------------------------------
 def without_mid_block(sites: list[AttentionSite]) -> list[AttentionSite]:
     """The default site choice: ``sites`` but the mid block's, unless the mid block is all there is."""
     rest = [s for s in sites if s.place != "mid"]
     return rest or sites
 
 
-def _level_step_maps(store, index: int, chosen: list[AttentionSite], steps: list[int], weighting) -> list[Level]:
+def _by_level_only(spec: Any) -> bool:
+    """Whether a ``sites=`` spec picks by level alone (``None`` or a dict of ``levels`` only): then the mid block
+    is left out by default, and per-level step maps (whole levels) fit it."""
+    return spec is None or (isinstance(spec, Mapping) and all(v is None for k, v in spec.items() if k != "levels"))
+
+
+def _level_step_maps(recording: Recording, chosen: list[AttentionSite], steps: list[int], weighting) -> list[Level]:
     """Levels from per-level step maps (``per_step="level"``): each level's stored mean, weighted as usual."""
     groups: dict[int, list[torch.Tensor]] = {}
     for site in chosen:
         groups.setdefault(site.level, [])
     for level in groups:
-        m = store.level_map(index, level, steps)
-        n = store.image(index).run.level_sites.get(level, 1)
+        m = recording.level_map(level, steps)
+        n = recording.level_sites.get(level, 1)
         groups[level] = [m] * n  # the same mean once per site, so that weighting="layer" counts sites
     weights = level_weights(groups, weighting)
     return [(weights[lv], maps[0]) for lv, maps in sorted(groups.items()) if weights[lv] > 0]
 
 
-def _listing(words: Iterable[str]) -> str:
-    """Each text once (first spelling, ignoring case), quoted, in prompt order."""
-    unique: dict[str, str] = {}
-    for w in words:
-        unique.setdefault(w.lower(), w)
-    return ", ".join(repr(w) for w in unique.values())
-
-
-def truncation_message(tokens: PromptTokens) -> str:
-    """What the token limit cut from a prompt's maps: words with no token left (no map), later occurrences of
-    words that keep a map, and words cut partly (their map holds only the tokens before the limit)."""
-    mapped = {w.text.lower() for w in tokens.words if w.tokens}
-    gone = [w.text for w in tokens.truncated if not w.tokens and w.text.lower() not in mapped]
-    repeats = [w.text for w in tokens.truncated if not w.tokens and w.text.lower() in mapped]
-    partly = [w.text for w in tokens.truncated if w.tokens]
-    parts = []
-    if gone:
-        parts.append(f"the words cut off have no map: {_listing(gone)}")
-    if repeats:
-        parts.append(f"occurrences past the limit are not in the maps of {_listing(repeats)} (their earlier ones are)")
-    if partly:
-        parts.append(f"cut partly, mapped by their tokens before the limit only: {_listing(partly)}")
-    return f"the prompt is longer than the tokenizer's limit of {tokens.max_length} tokens; " + "; ".join(parts)
+def _chosen_sites(recording: Recording, sites: Any) -> list[AttentionSite]:
+    """The recorded sites a ``sites=`` spec picks (default: all but the mid block's, see :func:`without_mid_block`)."""
+    chosen = recording.sites_for(sites)
+    if _by_level_only(sites) and recording.per_step != "level":
+        chosen = without_mid_block(chosen)
+    if not chosen:
+        recorded = sorted({(s.place, s.level) for s in recording.sites})
+        raise ValueError(f"no recorded site matches sites={sites!r}; recorded (place, level): {recorded}")
+    return chosen
 
 
 def build_heatmaps(
-    store: "AttentionStore",
-    image_index: int = 0,
+    recording: Recording,
     *,
     prompt: str | None = None,
     tokenizer=None,
-    steps: Iterable[int] | None = None,
+    steps: Any = None,
     heads: Iterable[int] | None = None,
-    places: Iterable[str] | None = None,
-    levels: Iterable[int] | None = None,
-    sites=None,
+    sites: Any = None,
     weighting: str | dict[int, float] = "level",
     size: int | tuple[int, int] | None = None,
     interpolation: str = "bicubic",
     normalize: str | None = "word",
+    places: Iterable[str] | None = None,
+    levels: Iterable[int] | None = None,
 ) -> HeatMaps:
-    """The :class:`HeatMaps` of recorded image ``image_index`` (see the module docstring for each choice).
+    """The :class:`HeatMaps` of one recorded image, from its :class:`Recording` alone (see the module docstring).
 
     ``prompt``: needed when the pipeline got embeddings only (else the image's own prompt is used).
-    ``places`` / ``sites``: default every recorded site but the mid block's (:func:`without_mid_block`);
-    ``places=("down", "mid", "up")`` takes it too. ``size``: output (height, width) or one int for a square;
-    default the image's pixel size (latent size × the VAE's scale factor).
+    ``steps``: a ``steps=`` spec among the recorded steps (:func:`promptcontrol.schedule.step_filter`).
+    ``sites``: a ``sites=`` spec (:func:`promptcontrol.schedule.site_filter`); default every recorded site but the
+    mid block's (:func:`without_mid_block`); ``sites=["down", "mid", "up"]`` takes it too. ``places`` /
+    ``levels``: the old spelling of ``sites={"places": ..., "levels": ...}`` (``DeprecationWarning``).
+    ``size``: output (height, width) or one int for a square; default the image's pixel size (latent size × the
+    VAE's scale factor).
     """
-    image = store.image(image_index)
-    if interpolation not in INTERPOLATION:
-        raise ValueError(f"interpolation must be one of {INTERPOLATION}; got {interpolation!r}")
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be 'word', 'global' or None; got {normalize!r}")
-    text = prompt if prompt is not None else image.prompt
-    if text is None:
-        raise ValueError(
-            f"image {image.index} was generated from prompt embeddings, so its prompt is unknown: "
-            "pass heatmaps(prompt='...') with the text the embeddings were made from"
-        )
-    tokenizer = tokenizer if tokenizer is not None else store.tokenizer
-    if tokenizer is None:
-        raise ValueError("no tokenizer: pass heatmaps(tokenizer=...) (a bare UNet session has none of its own)")
-    tokens = tokenize(tokenizer, text)
-    if tokens.truncated:
-        warnings.warn(truncation_message(tokens), stacklevel=3)
-    if image.prompt_2 is not None and prompt is None and image.prompt_2 != image.prompt:
-        warnings.warn(
-            "this SDXL image had a different prompt_2; its token positions mix both prompts, and the word maps "
-            "follow the first prompt's tokenization",
-            stacklevel=3,
-        )
-    keep = _site_selection(sites, None if places is None else tuple(places), None if levels is None else tuple(levels))
-    chosen = [s for s in store.recorded_sites(image.index) if keep(s)]
-    if places is None and sites is None and store.per_step != "level":
-        chosen = without_mid_block(chosen)
-    if not chosen:
-        recorded = sorted({(s.place, s.level) for s in store.recorded_sites(image.index)})
-        raise ValueError(f"no recorded site matches places={places}, levels={levels}, sites={sites}; recorded (place, level): {recorded}")
-    steps = None if steps is None else list(steps)
+    _check(interpolation=interpolation, normalize=normalize)
+    tokens = recording.prompt_tokens(prompt, tokenizer, stacklevel=3)
+    sites = fold_place_level(sites, places, levels, "heatmaps", stacklevel=3)
+    chosen = _chosen_sites(recording, sites)
+    steps = None if steps is None else recording.select_steps(steps, stacklevel=3)
     # per-level step maps mix every recorded site of a level: a choice of places/sites cannot apply to them
-    by_level = store.per_step == "level" and places is None and sites is None
-    if steps is not None and store.per_step == "level" and not by_level:
+    by_level = recording.per_step == "level" and _by_level_only(sites)
+    if steps is not None and recording.per_step == "level" and not by_level:
         raise ValueError(
-            "per-step maps were kept per level (per_step='level'), so steps= cannot be combined with places= or "
-            "sites=; choose places/sites when recording (pc.trace(pipe, places=...)) or use per_step=True"
+            "per-step maps were kept per level (per_step='level'), so steps= needs whole levels: sites=None or "
+            "sites={'levels': [...]}; choose sites when recording (pc.trace(pipe, sites=...)) or use per_step=True"
         )
     if by_level and steps is not None:
-        levels_ = _level_step_maps(store, image.index, chosen, steps, weighting)
+        levels_ = _level_step_maps(recording, chosen, steps, weighting)
     else:
-        site_maps = [(s, store.site_map(image.index, s, steps=steps, heads=heads)) for s in chosen]
-        levels_ = aggregate(site_maps, weighting)
+        levels_ = aggregate([(s, recording.site_map(s, steps=steps, heads=heads)) for s in chosen], weighting)
     k = levels_[0][1].shape[0]
     if tokens.max_length != k:
         warnings.warn(
@@ -666,21 +499,20 @@ def build_heatmaps(
             stacklevel=3,
         )
     if size is None:
-        h, w = image.latent_hw
-        size = (h * store.scale_factor, w * store.scale_factor)
+        h, w = recording.latent_hw
+        size = (h * recording.scale_factor, w * recording.scale_factor)
     elif isinstance(size, int):
         size = (size, size)
     step_levels = None
-    recorded_steps = image.run.steps
-    if store.per_step == "site" and heads is None:
+    if recording.per_step == "site" and heads is None:
 
         def step_levels(step: int) -> list[Level]:
-            return aggregate([(s, store.site_map(image.index, s, steps=[step])) for s in chosen], weighting)
+            return aggregate([(s, recording.site_map(s, steps=[step])) for s in chosen], weighting)
 
     elif by_level and heads is None:
 
         def step_levels(step: int) -> list[Level]:
-            return _level_step_maps(store, image.index, chosen, [step], weighting)
+            return _level_step_maps(recording, chosen, [step], weighting)
 
     return HeatMaps(
         levels_,
@@ -690,7 +522,8 @@ def build_heatmaps(
         normalize=normalize,
         sites=chosen,
         steps=steps,
-        image_index=image.index,
+        image_index=recording.index,
         step_levels=step_levels,
-        recorded_steps=recorded_steps,
+        recorded_steps=list(recording.steps),
+        pick_steps=recording.select_steps,
     )

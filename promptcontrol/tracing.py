@@ -17,9 +17,10 @@ from typing import Any
 from .controllers.base import Controller
 from .controllers.store import AttentionStore
 from .heatmap import HeatMaps, build_heatmaps
+from .recording import fold_place_level, old_step_tuple
 from .session import Session, control
 
-_STORE_OPTIONS = ("steps", "places", "levels", "sites", "per_step", "per_head", "dtype", "max_side", "device")
+_STORE_OPTIONS = ("steps", "sites", "per_step", "per_head", "dtype", "max_side", "device", "places", "levels")
 
 
 class Trace:
@@ -61,12 +62,14 @@ class Trace:
         """Per-word :class:`HeatMaps` of recorded image ``image_index`` at that image's size.
 
         Options (all documented in :mod:`promptcontrol.heatmap`): ``prompt`` (required when the pipeline got
-        embeddings only), ``steps`` (needs ``per_step=True``), ``heads`` (needs ``per_head=True``), ``places``
-        (default: every recorded place but the mid block), ``levels``, ``sites``, ``weighting`` (``"level"``
-        default, ``"resolution"``, ``"layer"`` or a dict), ``size``, ``interpolation`` (``"bicubic"`` default or
-        ``"bilinear"``), ``normalize`` (``"word"`` default, ``"global"`` or ``None``), ``tokenizer``.
+        embeddings only), ``steps`` (needs ``per_step=True``), ``heads`` (needs ``per_head=True``), ``sites``
+        (default: every recorded site but the mid block's), ``weighting`` (``"level"`` default, ``"resolution"``,
+        ``"layer"`` or a dict), ``size``, ``interpolation`` (``"bicubic"`` default or ``"bilinear"``),
+        ``normalize`` (``"word"`` default, ``"global"`` or ``None``), ``tokenizer``. ``steps`` and ``sites`` take
+        the specs of :func:`promptcontrol.schedule.step_filter` / ``site_filter`` (``places=`` / ``levels=``: the
+        old spelling, for one release).
         """
-        return build_heatmaps(self.store, image_index, **options)
+        return build_heatmaps(self.store.recording(image_index), **options)
 
     def __repr__(self) -> str:
         state = "recording" if self.session is not None else "closed"
@@ -76,11 +79,16 @@ class Trace:
 def trace(target: Any, *controllers: Controller, cfg: bool | None = None, tokenizer=None, **options) -> Trace:
     """Record the cross-attention of ``target`` (a pipeline or UNet) inside a ``with`` block.
 
-    ``options`` go to :class:`AttentionStore`: ``steps``, ``places``, ``levels``, ``sites``, ``per_step``,
-    ``per_head``, ``dtype``, ``max_side``, ``device``. Other ``controllers`` (e.g. ``pc.Reweight``) may run in the
-    same session; the store records each row's own attention before they change it.
+    ``options`` go to :class:`AttentionStore`: ``steps``, ``sites`` (the specs of
+    :func:`promptcontrol.schedule.step_filter` / ``site_filter``), ``per_step``, ``per_head``, ``dtype``,
+    ``max_side``, ``device``; ``places`` / ``levels`` are the old spelling of ``sites={...}`` (for one release,
+    with a ``DeprecationWarning``). Other ``controllers`` (e.g. ``pc.Reweight``) may run in the same session; the
+    store records each row's own attention before they change it.
     """
     unknown = sorted(set(options) - set(_STORE_OPTIONS))
     if unknown:
-        raise TypeError(f"pc.trace got unknown option(s) {', '.join(unknown)}; options are: {', '.join(_STORE_OPTIONS)}")
+        raise TypeError(f"pc.trace got unknown option(s) {', '.join(unknown)}; options are: {', '.join(_STORE_OPTIONS[:-2])}")
+    places, levels = options.pop("places", None), options.pop("levels", None)
+    options["sites"] = fold_place_level(options.get("sites"), places, levels, "pc.trace", stacklevel=2)
+    options["steps"] = old_step_tuple(options.get("steps"), stacklevel=2)
     return Trace(target, AttentionStore(**options), controllers, cfg, tokenizer)

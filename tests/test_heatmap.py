@@ -103,12 +103,12 @@ def test_default_sites_leave_out_the_mid_block(traced, sd15):
     assert mid, "the tiny UNet has a mid-block cross-attention site"
     maps = tr.heatmaps(0, normalize=None)
     assert [s.key for s in maps.sites] == [s.key for s in recorded if s.place != "mid"]
-    every = tr.heatmaps(0, places=("down", "mid", "up"), normalize=None)
+    every = tr.heatmaps(0, sites=["down", "mid", "up"], normalize=None)
     assert [s.key for s in every.sites] == [s.key for s in recorded]
     pos = maps.tokens.positions("red")
     torch.testing.assert_close(every["red"].tensor, reference_map(tr, 0, pos, (32, 48), sites={s.key for s in recorded}))
     assert [s.key for s in tr.heatmaps(0, sites=mid).sites] == mid  # named sites are taken as given
-    with pc.trace(sd15, places=["mid"]) as only_mid:  # nothing else recorded: the mid block stays
+    with pc.trace(sd15, sites="mid") as only_mid:  # nothing else recorded: the mid block stays
         sd15("a red circle", num_inference_steps=2, output_type="latent")
     assert [s.key for s in only_mid.heatmaps(0).sites] == mid
 
@@ -116,14 +116,14 @@ def test_default_sites_leave_out_the_mid_block(traced, sd15):
 def test_selection_by_place_level_and_site(traced):
     tr, _ = traced
     up0 = [s.key for s in tr.store.recorded_sites(0) if s.place == "up" and s.level == 0]
-    maps = tr.heatmaps(0, places=["up"], levels=[0], normalize=None)
+    maps = tr.heatmaps(0, sites={"places": ["up"], "levels": [0]}, normalize=None)
     assert [s.key for s in maps.sites] == up0
     pos = maps.tokens.positions("circle")
     torch.testing.assert_close(maps["circle"].tensor, reference_map(tr, 0, pos, (32, 48), sites=set(up0)))
     one = tr.heatmaps(0, sites=[up0[0]], normalize=None)
     assert len(one.sites) == 1
     with pytest.raises(ValueError, match="no recorded site"):
-        tr.heatmaps(0, places=["mid"], levels=[0])
+        tr.heatmaps(0, sites={"places": ["mid"], "levels": [0]})
 
 
 def test_words_phrases_repeats_case_and_specials(traced):
@@ -223,6 +223,22 @@ def test_pictures(traced):
     assert isinstance(maps.grid(words=["red", "square"], cols=1), Image.Image)
 
 
+def test_pictures_read_any_image_the_same_way():
+    from promptcontrol import images
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    want = rgb.astype(np.float32) / 255  # (H, W, 3) in [0, 1]
+    chw = torch.from_numpy(want).permute(2, 0, 1)
+    for image in (Image.fromarray(rgb), rgb, chw, rgb.astype(np.float32)):  # PIL, uint8, CHW tensor, 0..255 floats
+        np.testing.assert_allclose(images.rgb_array(image), want, atol=1e-6, rtol=0)
+    grey = images.rgb_array(rgb[..., 0])
+    assert grey.shape == (6, 5, 3) and np.array_equal(grey[..., 2], grey[..., 0])
+    assert np.array_equal(np.asarray(images.as_pil(chw)), rgb)
+    np.testing.assert_array_equal(images.float_array(rgb), rgb / 255.0)
+    with pytest.raises(ValueError, match="expected an image"):
+        images.rgb_array(np.zeros((2, 3, 4, 5)))
+
+
 def test_export_roundtrip(traced, tmp_path):
     tr, images = traced
     maps = tr.heatmaps(0)
@@ -288,6 +304,6 @@ def test_steps_from_per_level_step_maps(sd15):
     torch.testing.assert_close(maps["circle"].tensor, ref, atol=1e-6, rtol=1e-5)
     assert [s for s, _ in tr.heatmaps(0).step_maps("circle")] == [0, 1, 2]
     with pytest.raises(ValueError, match="per level"):
-        tr.heatmaps(0, steps=[1], places=["up"])
+        tr.heatmaps(0, steps=[1], sites="up")
     with pytest.raises(ValueError, match="per_step=True"):
-        tr.heatmaps(0, places=["up"]).strip("circle")
+        tr.heatmaps(0, sites="up").strip("circle")

@@ -138,7 +138,7 @@ def test_runs_append_images_in_generation_order(sd15):
 
 
 def test_only_selected_sites_and_steps_materialise_probabilities(sd15):
-    store = pc.AttentionStore(steps=[1, 2], places=["up"], levels=[0])
+    store = pc.AttentionStore(steps=[1, 2], sites={"places": ["up"], "levels": [0]})
     seen = []
     original = store.record
     store.record = lambda site, ctx, probs, plan: (seen.append((site.key, ctx.index)), original(site, ctx, probs, plan))
@@ -212,9 +212,9 @@ def test_clear_errors(sd15):
         sd15("a cat", num_inference_steps=2, output_type="latent")
     with pytest.raises(IndexError, match="holds 1 image"):
         store.image(3)
-    with pytest.raises(ValueError, match="non-empty subset"):
-        pc.AttentionStore(places=["middle"])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="unknown place"):  # the one sites= vocabulary's message
+        pc.AttentionStore(sites={"places": ["middle"]})
+    with pytest.raises(ValueError, match="ints >= 0"):  # the one steps= vocabulary's message
         pc.AttentionStore(steps=[-1])
     before = dict(sd15.unet.attn_processors)
     with pytest.raises(ValueError, match="names no cross-attention site"):

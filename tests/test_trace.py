@@ -48,7 +48,7 @@ def test_restored_after_an_exception_and_recordings_kept(sd15):
 
 
 def test_options_reach_the_store_and_bad_options_fail(sd15):
-    with pc.trace(sd15, steps=range(1, 3), places=("up",), per_step=True) as tr:
+    with pc.trace(sd15, steps=range(1, 3), sites="up", per_step=True) as tr:
         sd15("a cat", num_inference_steps=4, output_type="latent")
     assert tr.store.steps(0) == [1, 2]
     assert {s.place for s in tr.store.recorded_sites(0)} == {"up"}

@@ -16,9 +16,12 @@ What is kept (per pipeline run, for the conditional rows only, one slice per out
 Per-step and per-head maps of a step are moved to the CPU together when the step ends (one device sync per
 step, not one per site); until then they wait on the attention's device.
 
-The probabilities are materialised only at the cross-attention sites and steps selected by ``steps``,
-``places``, ``levels`` and ``sites``; every other attention call stays on fused SDPA (sites that are not
-selected do not even get a controlled processor).
+The probabilities are materialised only at the cross-attention sites and steps selected by ``steps`` and
+``sites`` (the one vocabulary of :func:`promptcontrol.schedule.step_filter` / ``site_filter``); every other
+attention call stays on fused SDPA (sites that are not selected do not even get a controlled processor).
+
+Reading: ``store.recording(i)`` hands out image ``i`` as a :class:`~promptcontrol.recording.Recording` (plain
+tensors and facts); heat maps and the read methods here (``site_map``, ``level_map``, ``steps``, ...) go through it.
 
 Images: every pipeline call in the session appends its images, in output order (``image_of_row``), so image
 ``i`` of the store is the ``i``-th image generated inside the ``with`` block. The prompt of each image is read from
@@ -28,22 +31,19 @@ the pipeline call (``run.prompts[prompt_of_row[row]]``); ``None`` when the pipel
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..context import StepContext, batch_mismatch
+from ..context import SessionView, StepContext, batch_mismatch
 from ..plan import AttentionPlan
+from ..recording import Recording, fold_place_level, old_step_tuple, to_grid
+from ..schedule import PLACES, site_filter, step_filter
 from ..sites import AttentionSite, grid_for, grid_from_length
 from .base import Controller
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..session import Session
-
-_PLACES = ("down", "mid", "up")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class RunRecord:
     prompts: list[str | None]
     prompts_2: list[str | None]
     num_tokens: int | None = None
+    total: int | None = None  # the run's number of steps, where the pipeline says
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -108,12 +109,6 @@ def capped_grid(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
         return h, w
     factor = math.ceil(max(h, w) / max_side)
     return math.ceil(h / factor), math.ceil(w / factor)
-
-
-def to_grid(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """``maps`` (..., Q, K) → (..., K, h, w)."""
-    *lead, q, k = maps.shape
-    return maps.transpose(-1, -2).reshape(*lead, k, hw[0], hw[1])
 
 
 def pool_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -171,32 +166,30 @@ def _per_step_mode(per_step) -> str | None:
     raise ValueError(f"per_step must be False, True (= 'site') or 'level'; got {per_step!r}")
 
 
-def _step_filter(steps) -> Callable[[StepContext], bool]:
-    if steps is None:
-        return lambda ctx: True
-    if callable(steps):
-        return steps
-    if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
-        raise TypeError(
-            f"steps must be None (all), a range or list of step indices, or a function of the StepContext; got {steps!r}"
-        )
-    wanted = set()
-    for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"steps must hold non-negative step indices (0 is the first denoising step); got {s!r}")
-        wanted.add(s)
-    if not wanted:
-        raise ValueError("steps is empty: nothing would be recorded; pass None to record every step")
-    return lambda ctx: ctx.index in wanted
+def _named_patterns(spec: Any) -> tuple[str, ...]:
+    """The module paths / patterns a ``sites=`` spec names (each must match a cross site; places are not names)."""
+    if isinstance(spec, Mapping):
+        names = spec.get("names")
+        items = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    elif isinstance(spec, str):
+        items = (spec,)
+    elif isinstance(spec, Sequence):
+        items = tuple(spec)
+    else:
+        return ()
+    return tuple(p for p in items if isinstance(p, str) and p not in PLACES)
 
 
 class AttentionStore(Controller):
     """Records the cross-attention probabilities of the conditional rows, per output image.
 
-    steps:    ``None`` (every step), a ``range`` / list of 0-based step indices, or ``f(ctx) -> bool``
-    places:   subset of ``("down", "mid", "up")`` to record (``None``: all)
-    levels:   downsampling levels to record (0 = latent resolution; ``None``: all)
-    sites:    processor keys or module paths to record, or ``f(site) -> bool`` (``None``: all cross sites)
+    steps:    which steps to record (:func:`promptcontrol.schedule.step_filter`): ``None`` (every step), a list /
+              ``range`` of 0-based step indices, a ``(start, end)`` pair of fractions, or ``f(ctx) -> bool``
+    sites:    which cross sites to record (:func:`promptcontrol.schedule.site_filter`): ``None`` (all), a place
+              (``"up"``), module paths / processor keys / patterns, a dict (``{"places": ["up"], "levels": [0]}``)
+              or ``f(site) -> bool``
+    places, levels: the old spelling of ``sites={"places": ..., "levels": ...}`` (``DeprecationWarning``); a tuple
+              of ints as ``steps`` still means those exact steps, for one release (``DeprecationWarning``)
     per_step: also keep each step's map per site (``True``/``"site"``) or per level (``"level"``) on the CPU at
               ``dtype`` with sides capped at ``max_side``
     per_head: also keep a running sum per head per site (CPU, float32, sides capped at ``max_side``)
@@ -208,29 +201,21 @@ class AttentionStore(Controller):
     def __init__(
         self,
         *,
-        steps=None,
+        steps: Any = None,
+        sites: Any = None,
         places: Iterable[str] | None = None,
         levels: Iterable[int] | None = None,
-        sites: Iterable[str] | Callable[[AttentionSite], bool] | None = None,
         per_step: bool | str = False,
         per_head: bool = False,
         dtype: torch.dtype = torch.float16,
         max_side: int | None = 32,
         device: str | torch.device | None = None,
     ):
-        self._want_step = _step_filter(steps)
-        self.places = None if places is None else tuple(places)
-        if self.places is not None and (not self.places or any(p not in _PLACES for p in self.places)):
-            raise ValueError(f"places must be a non-empty subset of {_PLACES}; got {places!r}")
-        self.levels = None if levels is None else tuple(int(v) for v in levels)
-        if self.levels is not None and not self.levels:
-            raise ValueError("levels is empty: nothing would be recorded; pass None to record every level")
-        if sites is None or callable(sites):
-            self._site_names, self._site_filter = None, sites
-        elif isinstance(sites, str):
-            self._site_names, self._site_filter = {sites}, None
-        else:
-            self._site_names, self._site_filter = set(sites), None
+        self._names = _named_patterns(sites)  # checked against the denoiser's cross sites at bind
+        self.site_spec = fold_place_level(sites, places, levels, "AttentionStore", stacklevel=2)
+        self.step_spec = old_step_tuple(steps, stacklevel=2)
+        self._want_step = step_filter(self.step_spec)
+        self._at_site = site_filter(self.site_spec)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16); got {dtype!r}")
         if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
@@ -256,26 +241,15 @@ class AttentionStore(Controller):
 
     # ---- selection ---------------------------------------------------------------------------------------
     def _selected(self, site: AttentionSite) -> bool:
-        if site.kind != "cross":
-            return False
-        if self.places is not None and site.place not in self.places:
-            return False
-        if self.levels is not None and site.level not in self.levels:
-            return False
-        if self._site_names is not None:
-            return site.key in self._site_names or site.module_path in self._site_names
-        if self._site_filter is not None:
-            return bool(self._site_filter(site))
-        return True
+        return site.kind == "cross" and bool(self._at_site(site))
 
     def applies_to(self, site: AttentionSite) -> bool:
         return self._selected(site)
 
-    def bind(self, session: "Session") -> None:
+    def bind(self, session: SessionView) -> None:
         cross = [s for s in session.sites if s.is_cross]
-        if self._site_names is not None:
-            known = {s.key for s in cross} | {s.module_path for s in cross}
-            unknown = sorted(self._site_names - known)
+        if self._names:
+            unknown = sorted(p for p in set(self._names) if not any(site_filter(p)(s) for s in cross))
             if unknown:
                 raise ValueError(
                     f"AttentionStore(sites=...) names no cross-attention site: {', '.join(unknown)}; "
@@ -284,7 +258,7 @@ class AttentionStore(Controller):
         self.sites.update({s.key: s for s in cross if self._selected(s)})
         if not any(self._selected(s) for s in cross):
             raise ValueError(
-                f"AttentionStore selects no cross-attention site (places={self.places}, levels={self.levels}); "
+                f"AttentionStore selects no cross-attention site (sites={self.site_spec!r}); "
                 f"this UNet's cross sites are at levels {sorted({s.level for s in cross})}"
             )
         if session.tokenizer is not None:
@@ -349,7 +323,7 @@ class AttentionStore(Controller):
             prompts.append(run.prompts[p] if run is not None and run.prompts is not None and p < len(run.prompts) else None)
             second = run.prompts_2 if run is not None else None
             prompts_2.append(second[p] if second is not None and p < len(second) else None)
-        record = RunRecord(self._run_id, ctx.latent_hw, prompts, prompts_2)
+        record = RunRecord(self._run_id, ctx.latent_hw, prompts, prompts_2, total=ctx.total)
         self.runs.append(record)
         for slot in range(record.num_images):
             self.images.append(RecordedImage(len(self.images), record, slot, prompts[slot], prompts_2[slot]))
@@ -417,7 +391,7 @@ class AttentionStore(Controller):
         if not self.images:
             raise RuntimeError(
                 "nothing was recorded yet: run the pipeline inside `with pc.trace(pipe) as tr:` (or "
-                "`pc.control(pipe, store)`) before asking for maps; check that steps/places/levels select something"
+                "`pc.control(pipe, store)`) before asking for maps; check that steps=/sites= select something"
             )
         if not isinstance(index, int) or isinstance(index, bool):
             raise TypeError(f"image_index must be an int, got {type(index).__name__}")
@@ -428,83 +402,61 @@ class AttentionStore(Controller):
             )
         return self.images[index]
 
+    def recording(self, index: int = 0) -> Recording:
+        """Image ``index`` as a :class:`~promptcontrol.recording.Recording`: its prompt, sites, grids, steps, sums
+        and per-step / per-head maps (views of the store's tensors; copies while its run is still recording)."""
+        image = self.image(index)
+        run, slot = image.run, image.slot
+        live = run is self._current  # its sums still grow in place: hand out a copy
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t[slot].clone() if live else t[slot]
+
+        keys = [key for key in self.sites if key in run.sums]
+        return Recording(
+            sites=tuple(self.sites[key] for key in keys),
+            grids={key: run.grids[key] for key in keys},
+            sums={key: own(run.sums[key]) for key in keys},  # (Q, K)
+            counts={key: run.counts[key] for key in keys},
+            latent_hw=run.latent_hw,
+            steps=tuple(run.steps),
+            prompt=image.prompt,
+            prompt_2=image.prompt_2,
+            tokenizer=self.tokenizer,
+            scale_factor=self.scale_factor,
+            index=image.index,
+            total=run.total,
+            timesteps=dict(run.timesteps),
+            per_step=self.per_step,
+            step_maps={s: {k: t[slot] for k, t in maps.items()} for s, maps in run.step_maps.items()},
+            level_steps={s: {lv: t[slot] for lv, t in maps.items()} for s, maps in run.level_steps.items()},
+            level_sites=dict(run.level_sites),
+            per_head=self.per_head,
+            head_sums={key: own(t) for key, t in run.head_sums.items()},  # (heads, K, h', w')
+            head_counts=dict(run.head_counts),
+        )
+
     def recorded_sites(self, index: int = 0) -> list[AttentionSite]:
-        """The sites with data for image ``index``, in UNet order."""
-        run = self.image(index).run
-        return [self.sites[key] for key in self.sites if key in run.sums]
+        """The sites with data for image ``index``, in the denoiser's order."""
+        return list(self.recording(index).sites)
 
     def steps(self, index: int = 0) -> list[int]:
         """The step indices recorded for image ``index``."""
-        return self.image(index).run.steps
+        return list(self.recording(index).steps)
 
-    def site_map(
-        self,
-        index: int,
-        site: AttentionSite | str,
-        *,
-        steps: Iterable[int] | None = None,
-        heads: Iterable[int] | None = None,
-    ) -> torch.Tensor:
-        """Mean attention map (K, h, w) float32 of image ``index`` at ``site``, over recorded steps and heads.
+    def site_map(self, index: int, site: AttentionSite | str, *, steps: Any = None, heads: Any = None) -> torch.Tensor:
+        """Mean attention map (K, h, w) float32 of image ``index`` at ``site``: :meth:`Recording.site_map`."""
+        return self.recording(index).site_map(site, steps=steps, heads=heads)
 
-        Every spatial position's values sum to 1 over the K tokens (a mean of softmax rows). ``steps`` needs
-        ``per_step=True`` and ``heads`` needs ``per_head=True`` (those maps are at the capped resolution).
-        """
-        image = self.image(index)
-        run = image.run
-        key = site if isinstance(site, str) else site.key
-        if key not in run.sums:
-            recorded = ", ".join(s.module_path for s in self.recorded_sites(index)) or "none"
-            raise KeyError(f"no data for site {key} in image {index}; recorded sites: {recorded}")
-        if steps is not None and heads is not None:
-            raise ValueError("choose steps or heads, not both: per-step maps are kept as the mean over heads")
-        if steps is not None:
-            if self.per_step == "level":
-                raise ValueError(
-                    "per-step maps were kept per level (per_step='level'): use level_map(index, level, steps) or "
-                    "record with per_step=True to keep them per site"
-                )
-            if not self.per_step:
-                raise ValueError(
-                    "selecting steps after the run needs per-step maps: record with pc.trace(pipe, per_step=True) "
-                    "(or choose the steps when recording: pc.trace(pipe, steps=range(...)))"
-                )
-            steps = list(steps)
-            missing = [s for s in steps if s not in run.step_maps or key not in run.step_maps[s]]
-            if missing or not steps:
-                raise ValueError(f"steps {missing or steps} were not recorded; recorded steps: {run.steps}")
-            maps = [run.step_maps[s][key][image.slot].float() for s in steps]
-            return torch.stack(maps).mean(dim=0)
-        if heads is not None:
-            if not self.per_head:
-                raise ValueError("selecting heads needs per-head maps: record with pc.trace(pipe, per_head=True)")
-            heads = list(heads)
-            total = run.head_sums[key].shape[1]
-            bad = [h for h in heads if not 0 <= h < total]
-            if bad or not heads:
-                raise ValueError(f"heads {bad or heads} out of range: site {key} has heads 0..{total - 1}")
-            chosen = run.head_sums[key][image.slot, heads]  # (n, K, h', w')
-            return chosen.mean(dim=0) / run.head_counts[key]
-        mean = run.sums[key][image.slot] / run.counts[key]  # (Q, K)
-        return to_grid(mean.float(), run.grids[key])
-
-    def level_map(self, index: int, level: int, steps: Iterable[int]) -> torch.Tensor:
-        """Mean map (K, h', w') float32 at ``level`` over ``steps``, from per-level per-step maps (``per_step="level"``)."""
-        if self.per_step != "level":
-            raise ValueError("level_map needs per-step maps kept per level: record with per_step='level'")
-        image = self.image(index)
-        run = image.run
-        steps = list(steps)
-        missing = [s for s in steps if level not in run.level_steps.get(s, {})]
-        if missing or not steps:
-            raise ValueError(f"steps {missing or steps} were not recorded at level {level}; recorded steps: {run.steps}")
-        return torch.stack([run.level_steps[s][level][image.slot].float() for s in steps]).mean(dim=0)
+    def level_map(self, index: int, level: int, steps: Any) -> torch.Tensor:
+        """Mean map (K, h', w') at ``level`` over ``steps`` (``per_step="level"``): :meth:`Recording.level_map`."""
+        return self.recording(index).level_map(level, steps)
 
     def heatmaps(self, image_index: int = 0, **options):
         """Per-word :class:`~promptcontrol.heatmap.HeatMaps` of recorded image ``image_index`` (as ``tr.heatmaps``)."""
-        from ..heatmap import build_heatmaps
+        from ..heatmap import build_heatmaps  # a convenience; heat maps read the recording alone
 
-        return build_heatmaps(self, image_index, **options)
+        return build_heatmaps(self.recording(image_index), **options)
 
     def memory_bytes(self) -> int:
         """Bytes held by the recorded tensors (running sums, per-head sums, per-step maps)."""
