@@ -28,13 +28,10 @@ import torch
 
 from .context import RunInfo, StepContext, batch_layout, batch_mismatch
 from .controllers.base import Controller, bound_session, check_controller, claim, recorder_call, release
-from .processor import ControlledAttnProcessor
-from .sites import AttentionSite, attention_modules, find_sites, is_denoiser, unsupported_sites
+from .processors import OURS, kind_for, unserved, unserved_model
+from .sites import AttentionSite, attention_modules, find_sites, is_denoiser
 from .errors import PromptControlError
 
-# Processors computing the same attention function as AttnProcessor2_0 (only memory/speed differ).
-_EQUIVALENT_PROCESSORS = {"AttnProcessor2_0", "FusedAttnProcessor2_0"}
-_REPLACEABLE_PROCESSORS = {"AttnProcessor", "SlicedAttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU"}
 _ACTIVE_FLAG = "_promptcontrol_session_active"
 
 
@@ -98,7 +95,7 @@ class Session:
         self.hook_module = outer if getattr(outer, "_orig_mod", None) is self.denoiser else self.denoiser
         self.controllers = _distinct([check_controller(c) for c in controllers])
         self.sites: list[AttentionSite] = find_sites(self.denoiser)
-        unsupported = unsupported_sites(self.sites)
+        unsupported = unserved_model(self.sites)
         if unsupported:
             raise NotImplementedError(unsupported)
         if not any(site.is_cross for site in self.sites):
@@ -192,12 +189,17 @@ class Session:
             self._push_undo(f"{type(controller).__name__}.unbind()", controller.unbind)
             controller.bind(self)
         record_calls = {id(c): recorder_call(c) for c in self.controllers}  # older recorders adapted once
-        plan: dict[str, ControlledAttnProcessor] = {}
+        plan: dict[str, Any] = {}
+        kinds = {}
         for site in self.sites:
             acting = [c for c in self.controllers if c.applies_to(site)]
             if acting:
-                plan[site.key] = ControlledAttnProcessor(self, site, acting, record_calls)
-        self._check_processors({key: current[key] for key in plan})
+                kind = kind_for(site)
+                if kind is None:
+                    raise NotImplementedError(unserved(site))
+                kinds[site.key] = kind
+                plan[site.key] = kind.make(self, site, acting, record_calls)
+        self._check_processors({key: current[key] for key in plan}, kinds)
         for key, processor in plan.items():
             self._push_undo(f"the processor of {key}", functools.partial(modules[key].set_processor, current[key]))
             modules[key].set_processor(processor)
@@ -219,20 +221,20 @@ class Session:
                 "not a bare UNet: pass the pipeline to pc.control"
             )
 
-    def _check_processors(self, originals: dict[str, Any]) -> None:
+    def _check_processors(self, originals: dict[str, Any], kinds: dict[str, Any]) -> None:
         """Refuse processors whose behaviour would be lost; warn about memory-saving ones replaced for now."""
         replaced: dict[str, int] = {}
         for key, processor in originals.items():
             name = type(processor).__name__
-            if isinstance(processor, ControlledAttnProcessor):
+            if isinstance(processor, OURS):
                 raise ValueError(
                     f"the attention site {key} still runs a promptcontrol processor left by an earlier session whose "
                     "restore failed (see that error); call `unet.set_default_attn_processor()` (or set your own "
                     "processors again) before pc.control"
                 )
-            if name in _EQUIVALENT_PROCESSORS:
+            if name in kinds[key].equivalent:
                 continue
-            if name in _REPLACEABLE_PROCESSORS:
+            if name in kinds[key].replaceable:
                 replaced[name] = replaced.get(name, 0) + 1
                 continue
             raise ValueError(

@@ -191,20 +191,6 @@ def _is_flux_like(model: torch.nn.Module) -> bool:
     return hasattr(model, "single_transformer_blocks")
 
 
-def unsupported_sites(sites: list[AttentionSite]) -> str | None:
-    """Why these sites cannot be controlled yet (a message naming what is missing and what to use), or ``None``."""
-    if not any(site.on_transformer for site in sites):
-        return None
-    kinds = sorted({site.kind for site in sites})
-    counts = ", ".join(f"{sum(s.kind == k for s in sites)} {k}" for k in kinds)
-    return (
-        f"promptcontrol finds this transformer's attention sites ({counts}) but has no processor for transformer "
-        "backbones yet: joint attention (SD3, Flux) and transformer cross-attention (PixArt, Sana) are the next "
-        "features. For now use a UNet pipeline (Stable Diffusion 1.x / 2.x / SDXL); pc.find_sites(pipe.transformer) "
-        "lists the sites"
-    )
-
-
 def attention_modules(unet: torch.nn.Module, sites: list[AttentionSite]) -> dict[str, torch.nn.Module]:
     """The `Attention` module of each site, by processor key."""
     modules = dict(unet.named_modules())

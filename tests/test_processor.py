@@ -22,7 +22,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from promptcontrol.context import StepContext, batch_layout
 from promptcontrol.controllers.base import Controller, PassThrough
 from promptcontrol.plan import AttentionPlan, AttentionTerm
-from promptcontrol.processor import ControlledAttnProcessor
+from promptcontrol.processors.attention import ControlledAttnProcessor
 from promptcontrol.sites import AttentionSite
 
 BATCH = 2

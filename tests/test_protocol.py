@@ -214,7 +214,7 @@ def test_pixart_sites_self_and_cross():
 def test_control_on_a_transformer_is_refused_clearly_and_installs_nothing():
     model = _sd3()
     before = _processors(model)
-    with pytest.raises(NotImplementedError, match=r"no processor for transformer backbones yet.*UNet pipeline"):
+    with pytest.raises(NotImplementedError, match=r"no processor for its joint attention yet.*UNet pipeline"):
         with pc.control(model, pc.AttentionStore()):
             pass
     assert _processors(model) == before

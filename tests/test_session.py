@@ -10,6 +10,7 @@ import torch
 
 import promptcontrol as pc
 from promptcontrol.plan import AttentionPlan
+from promptcontrol.processors.attention import ControlledAttnProcessor
 
 PROMPTS = ["a red circle and a blue square", "a photorealistic cat", "two dogs, one cat"]
 
@@ -329,7 +330,7 @@ def test_a_processor_left_by_a_failed_restore_is_named(fault_pipe, monkeypatch):
     set_processor = module.set_processor
 
     def refuses_to_restore(processor):
-        if not isinstance(processor, pc.processor.ControlledAttnProcessor):
+        if not isinstance(processor, ControlledAttnProcessor):
             raise RestoreFault("stuck")
         set_processor(processor)
 

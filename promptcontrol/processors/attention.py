@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .context import SessionView
-from .controllers.base import Controller
-from .plan import IDENTITY, attention_probs, run_plan, run_plan_on_probs
-from .sites import AttentionSite
+from ..context import SessionView
+from ..controllers.base import Controller
+from ..plan import IDENTITY, attention_probs, run_plan, run_plan_on_probs
+from ..sites import AttentionSite
 
 
 class ControlledAttnProcessor:
