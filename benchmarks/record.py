@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> str:
         Case("stock AttnProcessor2_0", steps),
         Case(f"pc.trace, default (all {cross} cross sites, every step)", steps, lambda: pc.trace(unet, cfg=True)),
         Case("pc.trace, per_step=True (CPU float16, max_side=32)", steps, lambda: pc.trace(unet, cfg=True, per_step=True)),
-        Case("pc.trace, places=('up',)", steps, lambda: pc.trace(unet, cfg=True, places=("up",))),
+        Case("pc.trace, sites='up'", steps, lambda: pc.trace(unet, cfg=True, sites="up")),
     ]
     results = compare(cases, repeats=args.repeats, device=args.device)
     if args.device == "cpu":

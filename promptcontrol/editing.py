@@ -19,6 +19,7 @@ from .controllers.blend import LocalBlend
 from .controllers.edit import AutoEdit
 from .controllers.inject import InjectSelf
 from .controllers.inversion_guidance import InversionGuidance
+from .images import as_pil
 from .inversion import Inversion
 from .schedule import ScheduleLike, WindowLike, window
 from .session import control
@@ -44,7 +45,7 @@ class EditResult:
         """A PIL image: source | edits, each labelled with its prompt (small images are enlarged)."""
         from PIL import Image, ImageDraw
 
-        pictures = [_as_pil(image) for image in self.images]
+        pictures = [as_pil(image) for image in self.images]
         w, h = pictures[0].size
         factor = max(1, -(-min_cell // max(w, 1)))
         cell_w, cell_h = w * factor, h * factor
@@ -72,21 +73,6 @@ def _wrap(text: str, width: int, char_px: int = 6) -> list[str]:
         else:
             line = f"{line} {word}".strip()
     return (lines + [line]) if line else lines or [""]
-
-
-def _as_pil(image):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else image
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.dtype != "uint8":
-        array = (array.clip(0, 1) * 255).round().astype("uint8")
-    if array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array).convert("RGB")
 
 
 def _reweight_controller(reweight, edits: list[str], tokenizer):

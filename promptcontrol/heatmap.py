@@ -106,7 +106,8 @@ def combine(levels: list[Level], positions: Iterable[int], size: tuple[int, int]
     positions = list(positions)
     out = torch.zeros(size, dtype=torch.float32)
     for weight, m in levels:
-        out += weight * upsample(m[positions], size, interpolation).sum(dim=0)  # (n, H, W) -> (H, W)
+        # sums recorded on a GPU stay there during the run; maps are drawn on the CPU, after it
+        out += weight * upsample(m[positions].cpu(), size, interpolation).sum(dim=0)  # (n, H, W) -> (H, W)
     return out
 
 

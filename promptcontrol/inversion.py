@@ -34,31 +34,9 @@ import torch.nn.functional as F
 from .controllers.base import Controller
 from .controllers.inversion_guidance import InversionGuidance
 from .ddim import DDIMSteps, _Text, ddim_trajectory, null_text_optimisation
+from .images import float_array, prepare_image  # noqa: F401  (prepare_image: part of this module's face)
 
 METHODS = ("null-text", "ddim")
-_CONVERTIBLE_MODES = ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I", "F")
-
-
-# ---- images ------------------------------------------------------------------------------------------------------
-def _to_float_array(image) -> np.ndarray:
-    """(H, W, C) float64 in [0, 1] from a PIL image, a uint8/float array (H, W, C) or a tensor (C, H, W) in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-    if isinstance(image, torch.Tensor):
-        t = image.detach().float().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim == 3 and t.shape[0] in (1, 3):
-            t = t.permute(1, 2, 0)
-        return t.numpy().astype(np.float64)
-    array = np.asarray(image)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.dtype == np.uint8:
-        return array.astype(np.float64) / 255.0
-    return array.astype(np.float64)
 
 
 def psnr(a, b) -> float:
@@ -66,7 +44,7 @@ def psnr(a, b) -> float:
 
     Both are read as RGB in [0, 1]; identical images give ``inf``.
     """
-    x, y = _to_float_array(a), _to_float_array(b)
+    x, y = float_array(a), float_array(b)
     if x.shape != y.shape:
         raise ValueError(f"psnr needs images of the same shape, got {x.shape} and {y.shape}")
     mse = float(np.mean((x - y) ** 2))
@@ -79,80 +57,6 @@ def size_multiple(pipe) -> int:
     return math.lcm(8, factor)
 
 
-def _nearest(side: int, multiple: int) -> int:
-    """The multiple of ``multiple`` nearest to ``side`` (halves round up), at least ``multiple``."""
-    return max(multiple, int(side / multiple + 0.5) * multiple)
-
-
-def prepare_image(image, multiple: int = 8, resize: bool | tuple[int, int] = False):
-    """The input as an RGB PIL image whose sides are multiples of ``multiple``.
-
-    image:  a PIL image, a path, a uint8 array (H, W, 3) or a float array / tensor in [0, 1] ((H, W, 3) or (3, H, W))
-    resize: ``False`` refuses other sizes; ``True`` resizes each side to the nearest multiple; ``(width, height)``
-            resizes to that size (which must be a multiple itself)
-
-    Greyscale, palette, CMYK and other colour modes are converted to RGB; images with transparency (RGBA, LA,
-    palette with alpha) are refused, because what belongs under transparent pixels is the caller's choice.
-    """
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-        image.load()
-    if isinstance(image, torch.Tensor) or isinstance(image, np.ndarray):
-        array = _to_float_array(image)
-        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 1):  # greyscale
-            array = np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=-1)
-        if array.ndim == 3 and array.shape[-1] in (2, 4):
-            raise ValueError(
-                "the image array has an alpha channel; inversion needs an opaque RGB image: composite it onto a "
-                "background first, or drop the alpha (array[..., :3])"
-            )
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise ValueError(
-                f"an image array must be (H, W, 3) or a tensor (3, H, W); got shape {tuple(np.shape(image))}"
-            )
-        if array.min() < -1e-6 or array.max() > 1 + 1e-6:
-            raise ValueError(
-                f"float images must hold values in [0, 1] (got {array.min():.3g}..{array.max():.3g}); "
-                "pass a uint8 array or a PIL image for 0..255 values"
-            )
-        image = Image.fromarray((array.clip(0, 1) * 255).round().astype(np.uint8))
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image, a path, a numpy array or a tensor; got {type(image).__name__}")
-    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        raise ValueError(
-            f"the image has transparency (mode {image.mode}); inversion needs an opaque RGB image. Put it on a "
-            "background first, e.g. bg = Image.new('RGB', im.size, 'white'); bg.paste(im, mask=im.getchannel('A')), "
-            "or drop the alpha with im.convert('RGB')"
-        )
-    if image.mode != "RGB":
-        if image.mode not in _CONVERTIBLE_MODES:
-            raise ValueError(f"unsupported image mode {image.mode!r}: convert it to RGB first (image.convert('RGB'))")
-        image = image.convert("RGB")
-    w, h = image.size
-    near = (_nearest(w, multiple), _nearest(h, multiple))
-    if resize is True:
-        size = near
-    elif resize:
-        size = (int(resize[0]), int(resize[1]))
-        if size[0] % multiple or size[1] % multiple or min(size) <= 0:
-            raise ValueError(f"resize={tuple(resize)} is not a positive multiple of {multiple} on each side")
-    else:
-        size = (w, h)
-        if w % multiple or h % multiple:
-            raise ValueError(
-                f"image size {w}×{h} is not a multiple of {multiple} on each side (this pipeline's VAE and UNet need "
-                f"width and height divisible by {multiple}, e.g. {near[0]}×{near[1]}); pass resize=True to resize "
-                "to the nearest such size, or resize=(width, height)"
-            )
-    if size != (w, h):
-        image = image.resize(size, Image.LANCZOS)
-    return image
-
-
-# ---- the pipeline's pieces ---------------------------------------------------------------------------------------
 def _check_pipe(pipe) -> None:
     missing = [name for name in ("unet", "vae", "encode_prompt", "scheduler") if getattr(pipe, name, None) is None]
     if missing:

@@ -98,7 +98,7 @@ class Session:
         unsupported = unserved_model(self.sites)
         if unsupported:
             raise NotImplementedError(unsupported)
-        if not any(site.is_cross for site in self.sites):
+        if not any(site.attends_text for site in self.sites):
             raise ValueError(
                 f"{type(self.denoiser).__name__} has no cross-attention layers: promptcontrol needs a text-conditioned "
                 "UNet (Stable Diffusion 1.x / 2.x / SDXL)"

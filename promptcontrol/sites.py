@@ -78,6 +78,11 @@ class AttentionSite:
         return self.kind == "cross"
 
     @property
+    def attends_text(self) -> bool:
+        """Whether text tokens are among this site's keys (cross- or joint attention): where words have maps."""
+        return self.text_keys is not None
+
+    @property
     def on_transformer(self) -> bool:
         return self.place == "transformer"
 

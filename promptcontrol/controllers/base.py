@@ -43,7 +43,7 @@ class Controller:
     def applies_to(self, site: AttentionSite) -> bool:
         """Whether this controller acts at ``site`` at all (decided once, when the session installs, after
         :meth:`bind`, so ``session.sites`` may be consulted)."""
-        return site.kind == "cross"
+        return site.attends_text
 
     def bind(self, session: SessionView) -> None:
         """Called once when the session installs; validate against ``session.pipe`` / tokenizer here."""

@@ -184,7 +184,7 @@ class Reweight(Controller):
 
     # ---- session hooks ----
     def applies_to(self, site: AttentionSite) -> bool:
-        return self.mode != "embedding" and site.kind == "cross" and bool(self._at_site(site))
+        return self.mode != "embedding" and site.attends_text and bool(self._at_site(site))
 
     def bind(self, session: SessionView) -> None:
         self._session = session

@@ -143,7 +143,7 @@ def estimate_bytes(
     per_step = _per_step_mode(per_step)
     seen_levels = set()
     for site in sites:
-        if not site.is_cross:
+        if not site.attends_text:
             continue
         h, w = grid_for(latent_hw, site.level)
         sh, sw = capped_grid((h, w), max_side)
@@ -241,13 +241,13 @@ class AttentionStore(Controller):
 
     # ---- selection ---------------------------------------------------------------------------------------
     def _selected(self, site: AttentionSite) -> bool:
-        return site.kind == "cross" and bool(self._at_site(site))
+        return site.attends_text and bool(self._at_site(site))
 
     def applies_to(self, site: AttentionSite) -> bool:
         return self._selected(site)
 
     def bind(self, session: SessionView) -> None:
-        cross = [s for s in session.sites if s.is_cross]
+        cross = [s for s in session.sites if s.attends_text]
         if self._names:
             unknown = sorted(p for p in set(self._names) if not any(site_filter(p)(s) for s in cross))
             if unknown:
