@@ -137,7 +137,3 @@ def build_pipeline(cfg: ToyConfig | None = None, seed: int = 0) -> StableDiffusi
     torch.manual_seed(seed)
     tok = build_tokenizer()
     return assemble(build_vae(cfg), build_unet(cfg), build_text_encoder(cfg, tok), tok, build_scheduler(cfg))
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
