@@ -146,6 +146,22 @@ def plot(json_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def run_dispatch(args) -> str:
+    """``--only dispatch``: the host-cost case (its own model and clock: see :mod:`benchmarks.dispatch`)."""
+    from . import dispatch
+
+    forward = ["--device", args.device, "--out", args.out.replace("/run", "/dispatch") if args.out.endswith("/run") else args.out]
+    if args.dtype:
+        forward += ["--dtype", args.dtype]
+    if args.repeats:
+        forward += ["--rounds", str(max(args.repeats, 1))]
+    if args.repeats == 1:  # a smoke run (gpu.sh --cpu-dry-run): fewer forwards
+        forward += ["--forwards", "20"]
+    elif args.device.startswith("cuda") and not args.repeats:  # gpu.sh gives this part 45 s: 9 cases × 5 × 100
+        forward += ["--rounds", "5", "--forwards", "100"]
+    return dispatch.main(forward)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU: SD 1.5 at 256², 1 step per call, 3 rounds")
@@ -162,7 +178,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--clock", choices=["wall", "cpu"], help="default: cpu on the CPU, wall on CUDA")
     parser.add_argument("--cpu-memory", action="store_true", help="CPU: also count peak tensor bytes (1 more run each)")
     parser.add_argument("--compile", metavar="BACKEND", help="also time torch.compile'd variants (e.g. inductor)")
-    parser.add_argument("--only", nargs="+", help="keep cases whose name contains one of these (and their stock)")
+    parser.add_argument(
+        "--only", nargs="+", help="keep cases whose name contains one of these (and their stock); `--only dispatch`: "
+        "the host cost per attention call instead (benchmarks/dispatch.py: tiny UNet, µs per call, GPU projection)"
+    )
     parser.add_argument("--out", default="benchmarks/results/run")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only draw a results JSON as a PNG")
     args = parser.parse_args(argv)
@@ -171,6 +190,8 @@ def main(argv: list[str] | None = None) -> str:
         return args.plot[1]
 
     args.device = args.device or ("cuda" if args.gpu else "cpu")
+    if args.only and "dispatch" in args.only:
+        return run_dispatch(args)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
     args.steps = args.steps or (1 if args.device == "cpu" else 10)

@@ -90,26 +90,62 @@ def batch_layout(batch_size: int, run: RunInfo | None, cfg_default: bool = False
     )
 
 
-@dataclass(frozen=True)
+def timestep_value(timestep: Any) -> float:
+    """The scheduler's timestep as a float (the first element of a tensor). On a GPU this reads the device: call
+    it outside the denoising step (at the end of a run), or where a controller really needs the value."""
+    if hasattr(timestep, "flatten"):
+        return float(timestep.flatten()[0])
+    return float(timestep)
+
+
+@dataclass(frozen=True, init=False)
 class StepContext:
     """One UNet call, as the controllers see it.
 
     index:     0-based denoising step of the current pipeline run (one per UNet call, never per layer)
-    timestep:  the scheduler's timestep value
+    timestep:  the scheduler's timestep value, converted to a float on first access (``raw_timestep`` keeps what
+               the UNet got: a tensor on the latents' device, read without a device sync inside the step)
     total:     number of steps in the run where the pipeline says (``None`` for a bare UNet)
     latent_hw: spatial size of the latent (the grid of level 0)
     layout:    which row is which (see :class:`BatchLayout`)
     run:       the captured pipeline-call info, when there is one
     run_id:    counts the pipeline runs of the session (1 for the first); changes exactly when a new run starts
+
+    Nothing in the step path reads ``timestep`` (on CUDA, ``float`` of a device tensor waits for the GPU): the
+    store keeps ``raw_timestep`` and converts when the recording is read; ``InversionGuidance`` reads it (it
+    checks the inversion's timesteps, on inversion runs only), as may a user's ``steps=`` callable.
     """
 
     index: int
-    timestep: float
     total: int | None
     latent_hw: tuple[int, int]
     layout: BatchLayout
     run: RunInfo | None = field(default=None, compare=False)
     run_id: int = 0
+    raw_timestep: Any = field(default=None, compare=False, repr=False)
+
+    def __init__(
+        self,
+        index: int,
+        timestep: Any,
+        total: int | None,
+        latent_hw: tuple[int, int],
+        layout: BatchLayout,
+        run: RunInfo | None = None,
+        run_id: int = 0,
+    ):
+        for name, value in (("index", index), ("total", total), ("latent_hw", latent_hw), ("layout", layout),
+                            ("run", run), ("run_id", run_id), ("raw_timestep", timestep)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def timestep(self) -> float:
+        """The timestep as a float (converted once; a device read on CUDA — not for the step path)."""
+        value = self.__dict__.get("_timestep_float")
+        if value is None:
+            value = timestep_value(self.raw_timestep)
+            object.__setattr__(self, "_timestep_float", value)
+        return value
 
     @property
     def batch_size(self) -> int:

@@ -105,6 +105,67 @@ def run_plan(
     return out
 
 
+@dataclass(frozen=True)
+class PreparedTerm:
+    """An :class:`AttentionTerm` with its tensors already cast to one dtype and shaped for broadcasting (built
+    once per step and plan, so that a site's call does no casting or reshaping of per-token coefficients)."""
+
+    qk_rows: torch.Tensor | None  # (B,) long
+    value_scale: torch.Tensor | None  # (B, 1, K, 1)
+    value_map: torch.Tensor | None  # (B, 1, K_keys, K): a batched matmul over heads (cheaper than einsum)
+    logit_bias: torch.Tensor | None  # (B, 1, 1, K_keys)
+
+
+def prepare(plan: AttentionPlan, dtype: torch.dtype) -> tuple[PreparedTerm, ...]:
+    """The plan's terms for inputs of ``dtype`` (the same casts :func:`run_plan` makes at every call)."""
+    return tuple(
+        PreparedTerm(
+            qk_rows=t.qk_rows,
+            value_scale=None if t.value_scale is None else t.value_scale.to(dtype)[:, None, :, None],
+            value_map=None if t.value_map is None else t.value_map.to(dtype)[:, None],
+            logit_bias=None if t.logit_bias is None else t.logit_bias.to(dtype)[:, None, None, :],
+        )
+        for t in plan.terms
+    )
+
+
+def run_prepared(
+    terms: tuple[PreparedTerm, ...],
+    query: torch.Tensor,  # (B, heads, Q, d)
+    key: torch.Tensor,  # (B, heads, K, d)
+    value: torch.Tensor,  # (B, heads, K, d)
+    attention_mask: torch.Tensor | None,  # (B, heads, Q or 1, K) additive or boolean, or None
+) -> torch.Tensor:  # (B, heads, Q, d)
+    """:func:`run_plan` on prepared terms: the same SDPA calls on the same numbers (token mixing as a batched
+    matmul instead of an einsum, rows by ``index_select``: the same values, less per-call overhead)."""
+    out = None
+    for term in terms:
+        q, k, mask, v = query, key, attention_mask, value
+        if term.qk_rows is not None:  # index_select: the rows' copy without advanced indexing's overhead
+            q, k = query.index_select(0, term.qk_rows), key.index_select(0, term.qk_rows)
+            mask = None if mask is None else mask.index_select(0, term.qk_rows)
+        if term.logit_bias is not None:
+            mask = term.logit_bias if mask is None else _additive(mask, query.dtype) + term.logit_bias
+        if term.value_scale is not None:
+            v = v * term.value_scale
+        if term.value_map is not None:
+            v = torch.matmul(term.value_map, v)  # (B, 1, K_keys, K) @ (B, heads, K, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        out = o if out is None else out + o
+    return out
+
+
+def on_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host-built tensor moved to ``device`` (and ``dtype``) without a blocking copy: pinned and non-blocking
+    to CUDA; elsewhere (and while torch.compile traces) a plain ``.to``."""
+    if torch.compiler.is_compiling():
+        return tensor.to(device) if dtype is None else tensor.to(device=device, dtype=dtype)
+    cuda = device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda")
+    if cuda and tensor.device.type == "cpu":
+        return tensor.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
+    return tensor.to(device) if dtype is None else tensor.to(device=device, dtype=dtype)
+
+
 def attention_probs(
     query: torch.Tensor,  # (B, heads, Q, d)
     key: torch.Tensor,  # (B, heads, K, d)
@@ -133,6 +194,8 @@ def run_plan_on_probs(
     value: torch.Tensor,  # (B, heads, K, d)
 ) -> torch.Tensor:  # (B, heads, Q, d)
     """The same result as :func:`run_plan`, from already materialised probabilities (used where a recorder asked)."""
+    if plan is IDENTITY:  # the common recording case: the same op as the loop below gives for a plain term
+        return torch.matmul(probs.to(value.dtype), value)
     out = None
     for term in plan.terms:
         o = torch.matmul(_term_probs(term, probs).to(value.dtype), transformed_values(term, value))

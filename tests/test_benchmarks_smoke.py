@@ -164,3 +164,19 @@ def test_a_mode_that_leaves_something_installed_is_reported(sd15, call, leak):
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="tiny-sd15, tiny-sdxl, sd15 or sdxl"):
         sc.build("sd3", "cpu", None)
+
+
+def test_dispatch_case_runs_and_reports_every_mode(tmp_path):
+    """`benchmarks.run --only dispatch` (what gpu.sh calls) runs on the CPU and writes a row per mode."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "dispatch.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "dispatch", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text() if out.exists() else result.stdout
+    for mode in ("pass-through", "record", "reweight", "Replace"):
+        assert mode in text, mode

@@ -132,3 +132,61 @@ def test_edit_window_ending_adds_one_graph_not_one_per_step(pipe):
     with pc.control(pipe, AutoEdit(0.5), InjectSelf(0.25)):
         generate(pipe, EDIT, steps=4)
     assert first == 3 and backend.graphs == first  # edit + injection, edit only, neither
+
+
+RECORDERS = {
+    "default store": dict(),
+    "per_step": dict(per_step=True),
+    "per_step=level + per_head": dict(per_step="level", per_head=True),
+}
+
+
+@pytest.mark.parametrize("options", list(RECORDERS.values()), ids=list(RECORDERS))
+def test_recording_compiles_whole_with_graphs_independent_of_steps(pipe, options):
+    """Recording under fullgraph=True: the store's accumulation is in the graph (no break), and its bookkeeping
+    (counts, grids, timesteps) happens in end_step, outside it — so the graphs do not multiply with the steps:
+    one for a run's first recorded step (which allocates the sums), one for every later step."""
+    eager = pc.AttentionStore(**options)
+    with pc.control(pipe, eager):
+        reference = generate(pipe, PROMPT, steps=5)
+    backend, _ = compiled(pipe)
+    store = pc.AttentionStore(**options)
+    with pc.control(pipe, store):
+        out = generate(pipe, PROMPT, steps=5)
+    assert backend.graphs == 2, f"{backend.graphs} graphs for 5 recorded steps"
+    assert (out - reference).abs().max() <= 1e-5
+    want, got = eager.recording(0), store.recording(0)
+    assert got.steps == want.steps == (0, 1, 2, 3, 4)
+    assert got.timesteps == want.timesteps and got.counts == want.counts
+    for key in want.sums:
+        assert (got.sums[key] - want.sums[key]).abs().max() <= 1e-5
+    for step, maps in want.step_maps.items():
+        for key, m in maps.items():
+            assert (got.step_maps[step][key].float() - m.float()).abs().max() <= 1e-3
+    for step, maps in want.level_steps.items():
+        for level, m in maps.items():
+            assert (got.level_steps[step][level].float() - m.float()).abs().max() <= 1e-3
+    for key, m in want.head_sums.items():
+        assert (got.head_sums[key] - m).abs().max() <= 1e-5
+
+
+def test_second_recorded_run_reuses_the_graphs(pipe):
+    backend, _ = compiled(pipe)
+    store = pc.AttentionStore()
+    with pc.control(pipe, store):
+        generate(pipe, PROMPT, steps=3)
+        first = backend.graphs
+        generate(pipe, "a blue car", steps=3)
+    assert first == 2 and backend.graphs == first
+    assert store.num_images == 2 and store.recording(1).steps == (0, 1, 2)
+
+
+def test_record_with_an_edit_compiles_without_breaks(pipe):
+    """Edit + self injection + per-step recording, fullgraph: one graph per kind of step, not per step."""
+    backend, _ = compiled(pipe)
+    with pc.control(pipe, AutoEdit(1.0), InjectSelf(1.0), pc.AttentionStore(per_step=True)):
+        generate(pipe, EDIT, steps=4)
+    assert backend.graphs == 2
+
+
+# mode="reduce-overhead" (CUDA graphs) needs a GPU: not testable here (see docs/benchmarks.md).

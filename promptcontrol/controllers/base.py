@@ -40,6 +40,11 @@ from ..sites import AttentionSite
 class Controller:
     """Base class of every controller; every hook is optional and does nothing by default."""
 
+    plan_per_step: bool = False
+    """True when :meth:`plan` returns the same plan at every site the controller acts at within a step (given the
+    same incoming plan): the processors then compose it once per step and share it across sites (host cost per
+    attention call; see processors/attention.py). Leave False when the plan depends on the site."""
+
     def applies_to(self, site: AttentionSite) -> bool:
         """Whether this controller acts at ``site`` at all (decided once, when the session installs, after
         :meth:`bind`, so ``session.sites`` may be consulted)."""

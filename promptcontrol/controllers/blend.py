@@ -98,6 +98,8 @@ class LocalBlend(Controller):
         self._tokens: torch.Tensor | None = None  # (P, K) 1 at the blend words' tokens of each prompt
         self._sums: dict[int, torch.Tensor] = {}  # level -> (N_images, h, w)
         self._counts: dict[int, int] = {}
+        self._facts: tuple = ()
+        self._facts_key: object = None
 
     # ---- session ----
     def bind(self, session: SessionView) -> None:
@@ -152,18 +154,31 @@ class LocalBlend(Controller):
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self.uses_site(site) and bool(edit_images(ctx.layout))
 
+    def _row_facts(self, layout, device) -> tuple:
+        """(rows, (R, K) blend-word tokens of each conditional row on ``device``, images of the rows), built once
+        per layout and device instead of at every call."""
+        key = (layout, device, self._prompts)
+        if self._facts_key != key:
+            rows = list(layout.cond_rows)
+            first = rows[0] if rows else 0
+            index = slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else rows
+            prompts = torch.tensor([layout.prompt_of_row[r] for r in rows])
+            tokens = self._tokens[prompts].to(device)  # (R, K)
+            images = [layout.image_of_row[r] for r in rows]
+            if images == list(range(len(images))):
+                images = slice(0, len(images))
+            self._facts, self._facts_key = (index, tokens, images, len(rows)), key
+        return self._facts
+
     def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor, plan: AttentionPlan) -> None:
-        rows = list(ctx.layout.cond_rows)
+        rows, tokens, images, count = self._row_facts(ctx.layout, probs.device)
         maps = maps_used(plan, probs)[rows]  # (R, heads, Q, K): the maps the rows used, after the edits
-        prompts = torch.tensor([ctx.layout.prompt_of_row[r] for r in rows])
-        tokens = self._tokens.to(maps.device)[prompts]  # (R, K)
         word_map = torch.einsum("rhqk,rk->rq", maps, tokens)  # summed over heads and tokens
         h, w = grid_for(ctx.latent_hw, site.level)
-        images = [ctx.layout.image_of_row[r] for r in rows]
         total = self._sums.get(site.level)
         if total is None:
             total = torch.zeros(ctx.layout.num_images, h, w, device=maps.device)
-        total[images] += word_map.reshape(len(rows), h, w)
+        total[images] += word_map.reshape(count, h, w)
         self._sums[site.level] = total
         self._counts[site.level] = self._counts.get(site.level, 0) + probs.shape[1]
 

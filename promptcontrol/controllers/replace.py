@@ -30,7 +30,7 @@ import torch
 
 from ..alignment import TokenMap, edit_rows, refine_map, replace_map
 from ..context import SessionView, StepContext
-from ..plan import IDENTITY, AttentionPlan, AttentionTerm
+from ..plan import IDENTITY, AttentionPlan, AttentionTerm, on_device
 from ..schedule import Schedule, ScheduleLike, schedule
 from ..sites import AttentionSite
 from ..tokens import PromptTokens, tokenize
@@ -64,12 +64,13 @@ def edit_plan(
         if not bool((weight != 0).any()):
             second_scale[row] = 1.0
             first_scale[row] = 0.0
-    first = AttentionTerm(
-        qk_rows=qk_rows.to(device), value_scale=first_scale.to(device), value_map=value_map.to(device)
+    first = AttentionTerm(  # built on the host, moved without a blocking copy
+        qk_rows=on_device(qk_rows, device), value_scale=on_device(first_scale, device),
+        value_map=on_device(value_map, device),
     )
-    if not bool((second_scale != 0).any()):
+    if not bool((second_scale != 0).any()):  # host tensors: no device read
         return AttentionPlan((first,))
-    return AttentionPlan((first, AttentionTerm(value_scale=second_scale.to(device))))
+    return AttentionPlan((first, AttentionTerm(value_scale=on_device(second_scale, device))))
 
 
 class PromptEdit(Controller):
@@ -80,6 +81,8 @@ class PromptEdit(Controller):
     prompts:     the source and edited prompts, when the pipeline is called with embeddings (otherwise they
                  are read from each pipeline call: prompt 0 is the source, the others are edits)
     """
+
+    plan_per_step = True  # the same plan at every site it acts at: composed once per step (see processors/attention.py)
 
     name = "PromptEdit"
 

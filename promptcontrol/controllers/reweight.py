@@ -140,6 +140,8 @@ class Reweight(Controller):
     the first step of the pipeline call); warns when a weighted word is cut off by the token limit.
     """
 
+    plan_per_step = True  # the same plan at every site it acts at: composed once per step (see processors/attention.py)
+
     def __init__(
         self, weights: Any, *, mode: str = "attention", steps: Any = None, sites: Any = None, negative: Any = None
     ):
@@ -270,11 +272,12 @@ class Reweight(Controller):
                         f"(positions 0..{keys - 1})"
                     )
                 multiplier[row, position] = weight
-        self._multiplier = multiplier.to(ehs.device)
+        # host-built, once per run: non-blocking copies (no stream sync inside the step)
+        self._multiplier = multiplier.to(ehs.device, non_blocking=True)
         if self.mode == "attention":
-            self._term = multiplier.to(device=ehs.device, dtype=ehs.dtype)
+            self._term = multiplier.to(device=ehs.device, dtype=ehs.dtype, non_blocking=True)
         elif self.mode == "softmax":
-            self._term = multiplier.log().to(device=ehs.device, dtype=ehs.dtype)
+            self._term = multiplier.log().to(device=ehs.device, dtype=ehs.dtype, non_blocking=True)
         else:
             self._term = None
             self._rows = torch.tensor(sorted(self._row_weights), dtype=torch.long, device=ehs.device)
