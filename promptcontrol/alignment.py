@@ -63,7 +63,7 @@ def _word_groups(tokens: PromptTokens) -> list[tuple[int, ...]]:
     """
     in_word = {p for w in tokens.words for p in w.tokens}
     groups: list[tuple[int, ...]] = []
-    cursor = 1  # position 0 is the start token
+    cursor = tokens.prompt_start  # after the start token (CLIP, Gemma); 0 where there is none (T5)
     for word in tokens.words:
         first = min(word.tokens) if word.tokens else cursor
         groups.append(tuple(p for p in range(cursor, first) if p not in in_word))
@@ -129,14 +129,15 @@ def _lcs_pairs(a: list[int], b: list[int]) -> list[tuple[int, int]]:
 def refine_map(source: PromptTokens, edit: PromptTokens) -> TokenMap:
     """The refinement alignment (words added or removed): matched tokens take the source map, new ones their own."""
     size = _check_pair(source, edit)
-    src_ids = list(source.input_ids[1 : source.end_position])
-    dst_ids = list(edit.input_ids[1 : edit.end_position])
+    s0, e0 = source.prompt_start, edit.prompt_start  # the prompt's first token (1 after CLIP's start token)
+    src_ids = list(source.input_ids[s0 : source.end_position])
+    dst_ids = list(edit.input_ids[e0 : edit.end_position])
     matrix = torch.zeros(size, size)
     alpha = torch.ones(size)
-    alpha[1 : edit.end_position] = 0.0
+    alpha[e0 : edit.end_position] = 0.0
     for i, j in _lcs_pairs(src_ids, dst_ids):
-        matrix[i + 1, j + 1] = 1.0
-        alpha[j + 1] = 1.0
+        matrix[i + s0, j + e0] = 1.0
+        alpha[j + e0] = 1.0
     _tail(matrix, source, edit)
     return TokenMap(matrix, alpha, source, edit)
 

@@ -197,15 +197,15 @@ def prepare_inversion_edit(pipe, inversion: Inversion, pipe_kwargs: dict) -> tup
 def starting_noise(pipe, count: int, seed: int | None, pipe_kwargs: dict) -> torch.Tensor:
     """Latents ``(count * images_per_prompt, C, h, w)``: one draw repeated for every prompt (same layout start)."""
     per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
-    unet = pipe.unet
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # the denoiser: UNet or transformer
     factor = getattr(pipe, "vae_scale_factor", 8)
-    height = pipe_kwargs.get("height") or unet.config.sample_size * factor
-    width = pipe_kwargs.get("width") or unet.config.sample_size * factor
-    shape = (per_prompt, unet.config.in_channels, int(height) // factor, int(width) // factor)
+    height = pipe_kwargs.get("height") or denoiser.config.sample_size * factor
+    width = pipe_kwargs.get("width") or denoiser.config.sample_size * factor
+    shape = (per_prompt, denoiser.config.in_channels, int(height) // factor, int(width) // factor)
     generator = None if seed is None else torch.Generator("cpu").manual_seed(int(seed))
     base = torch.randn(shape, generator=generator, dtype=torch.float32)
-    device = getattr(pipe, "_execution_device", None) or unet.device
-    return base.repeat(count, 1, 1, 1).to(device=device, dtype=unet.dtype)
+    device = getattr(pipe, "_execution_device", None) or denoiser.device
+    return base.repeat(count, 1, 1, 1).to(device=device, dtype=denoiser.dtype)
 
 
 def edit(

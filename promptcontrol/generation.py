@@ -135,7 +135,9 @@ def generate(
         raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
     if seed is not None and pipe_kwargs.get("generator") is None:
         pipe_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
-    pipe_kwargs["negative_prompt"], negative_weights = _parse_negative(negative_prompt, compel, tokenizer, mode)
+    negative_plain, negative_weights = _parse_negative(negative_prompt, compel, tokenizer, mode)
+    if negative_plain is not None:  # else the pipeline's own default ("" on PixArt / Sana, None on SD)
+        pipe_kwargs["negative_prompt"] = negative_plain
 
     controllers: list[Controller] = []
     weights_cache: dict[tuple, dict[int, float]] = {}

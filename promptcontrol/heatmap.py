@@ -296,8 +296,12 @@ class HeatMaps:
     def special(self, which: str, *, normalize="default") -> HeatMap:
         """Map of the ``"start"`` token, the ``"end"`` token or all ``"padding"`` positions together."""
         if which == "start":
+            if self.tokens.prompt_start == 0:
+                raise KeyError("this tokenizer puts no start token before the prompt (T5): position 0 is its first word")
             positions = (self.tokens.start_position,)
         elif which == "end":
+            if self.tokens.end_count == 0:
+                raise KeyError("this tokenizer puts no end token after the prompt (Gemma): padding follows it")
             positions = (self.tokens.end_position,)
         elif which == "padding":
             positions = tuple(p for p in self.tokens.padding_positions if p < self.num_tokens)
@@ -493,7 +497,8 @@ def build_heatmaps(
     else:
         levels_ = aggregate([(s, recording.site_map(s, steps=steps, heads=heads)) for s in chosen], weighting)
     k = levels_[0][1].shape[0]
-    if tokens.max_length != k:
+    joint = any(s.kind == "joint" for s in chosen)  # SD3: the CLIP tokens first, then the T5 segment's keys
+    if tokens.max_length > k or (tokens.max_length != k and not joint):
         warnings.warn(
             f"the tokenizer pads to {tokens.max_length} tokens but the UNet attended over {k}; token positions "
             "may not line up",

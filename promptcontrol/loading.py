@@ -3,8 +3,9 @@
 - ``load_pipeline()``: the embedded model (``promptcontrol/assets/toy-sd``, a ``StableDiffusionPipeline``
   trained on captioned shapes), float32, offline, progress bar off (an image takes well under a second,
   a bar per call would only be noise);
-- ``load_pipeline("path/to/folder")``: any pipeline saved with ``save_pretrained`` (SD 1.x/2.x, SDXL, ...),
-  through ``diffusers.DiffusionPipeline.from_pretrained``;
+- ``load_pipeline("path/to/folder")``: any pipeline saved with ``save_pretrained`` (SD 1.x/2.x, SDXL, SD3,
+  PixArt-Σ, Sana, ...), through ``diffusers.DiffusionPipeline.from_pretrained`` (the class named in
+  ``model_index.json``); a component saved as None (SD3 without T5: ``text_encoder_3 = None``) loads as None;
 - ``load_pipeline("owner/name")``: a hub id; without network (or with ``HF_HUB_OFFLINE=1`` and nothing
   cached) this raises ``ModelUnavailableError``: "no network: pass a local folder".
 
@@ -114,6 +115,23 @@ def _from_pretrained(cls, name: str, dtype: torch.dtype, **kwargs):
         return cls.from_pretrained(name, torch_dtype=dtype, **kwargs)
 
 
+def _saved_as_none(folder: Path) -> dict[str, None]:
+    """``name=None`` for each component ``model_index.json`` records as ``[null, null]`` (saved as None, e.g. SD3's
+    ``text_encoder_3``): diffusers refuses to load a folder whose required component is absent unless it is
+    passed explicitly; passing None loads the pipeline as it was saved."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(f"cannot load the pipeline folder {folder}: model_index.json cannot be read "
+                               f"({_first_line(error)})") from error
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"cannot load the pipeline folder {folder}: model_index.json is not a JSON object")
+    return {name: None for name, spec in index.items()
+            if not name.startswith("_") and isinstance(spec, list) and all(part is None for part in spec)}
+
+
 def load_pipeline(model: str | os.PathLike | None = None, *, device=None, dtype=None, **kwargs):
     """Load a diffusers pipeline onto ``device``: the embedded toy model when ``model`` is None.
 
@@ -143,6 +161,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device=None, dtype=
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json): "
                                     "pass a folder written by pipe.save_pretrained(...)")
+        kwargs = {**_saved_as_none(path), **kwargs}  # the caller's components win
         try:
             pipe = _from_pretrained(DiffusionPipeline, str(path), dt, **kwargs)
         except (OSError, SafetensorError) as err:  # diffusers: a missing file; safetensors: a truncated one

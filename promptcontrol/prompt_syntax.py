@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Union
 
-from .tokens import WORD_PATTERN, normalize_text
+from .tokens import WORD_PATTERN, normalize_text, special_counts
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -427,16 +427,18 @@ class ParsedPrompt:
         """
         encoded = tokenizer(self.prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
         ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
-        last_kept = int(getattr(tokenizer, "model_max_length", 77)) - 2
+        before, after = special_counts(tokenizer, ids)  # CLIP: start and end token; T5: end only; Gemma: start only
+        limit = int(getattr(tokenizer, "model_max_length", 77))
+        last_kept = limit - 1 - after
         weights, cut = {}, []
         for position, (start, end) in enumerate(offsets):
-            if end <= start or position == 0 or position == len(ids) - 1:
+            if end <= start or position < before or position >= len(ids) - after:
                 continue
             weight = self.weight_of(start, end)
             if weight == 1.0:
                 continue
             if position > last_kept:
-                word = next((m.group(0) for m in WORD_PATTERN.finditer(self.prompt) if m.start() <= start < m.end()), None)
+                word = next((m.group(0) for m in WORD_PATTERN.finditer(self.prompt) if m.start() < end and start < m.end()), None)
                 name = word or self.prompt[start:end]
                 if name not in cut:
                     cut.append(name)
@@ -444,7 +446,7 @@ class ParsedPrompt:
             weights[position] = weight
         if cut:
             warnings.warn(
-                f"the weighted word(s) {', '.join(map(repr, cut))} fall past the {last_kept + 2}-token limit of the "
+                f"the weighted word(s) {', '.join(map(repr, cut))} fall past the {limit}-token limit of the "
                 "text encoder and are cut off; shorten the prompt",
                 stacklevel=2,
             )

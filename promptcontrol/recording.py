@@ -163,6 +163,14 @@ class Recording:
         """K: the token positions the sites attended over."""
         return int(next(iter(self.sums.values())).shape[-1])
 
+    def _text_length(self) -> int | None:
+        """The text's sequence length when every recorded site is cross-attention (its keys are the text tokens:
+        a pipeline's ``max_sequence_length`` on PixArt / Sana, 77 on CLIP UNets); ``None`` (the tokenizer's
+        ``model_max_length``) otherwise."""
+        if self.sums and all(site.kind == "cross" for site in self.sites):
+            return self.num_tokens
+        return None
+
     def prompt_tokens(self, prompt: str | None = None, tokenizer: Any = None, stacklevel: int = 2) -> PromptTokens:
         """The tokens the word maps follow: the image's prompt (or ``prompt``, the text embeddings were made from)
         by its tokenizer (or ``tokenizer``). Warns when the token limit cut words and when SDXL's ``prompt_2``
@@ -176,7 +184,7 @@ class Recording:
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is None:
             raise ValueError("no tokenizer: pass heatmaps(tokenizer=...) (a bare UNet session has none of its own)")
-        tokens = tokenize(tokenizer, text)
+        tokens = tokenize(tokenizer, text, max_length=self._text_length())
         if tokens.truncated:
             warnings.warn(truncation_message(tokens), stacklevel=stacklevel + 1)
         if self.prompt_2 is not None and prompt is None and self.prompt_2 != self.prompt:

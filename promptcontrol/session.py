@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .context import RunInfo, StepContext, batch_layout, batch_mismatch
+from .context import RunInfo, StepContext, batch_layout, batch_mismatch, timestep_value
 from .controllers.base import Controller, bound_session, check_controller, claim, recorder_call, release
 from .processors import OURS, kind_for, unserved, unserved_model
 from .sites import AttentionSite, attention_modules, find_sites, is_denoiser
@@ -197,6 +197,9 @@ class Session:
                 kind = kind_for(site)
                 if kind is None:
                     raise NotImplementedError(unserved(site))
+                refusal = kind.refuses(modules[site.key])
+                if refusal:
+                    raise NotImplementedError(f"{site.module_path}: {refusal}")
                 kinds[site.key] = kind
                 plan[site.key] = kind.make(self, site, acting, record_calls)
         self._check_processors({key: current[key] for key in plan}, kinds)
@@ -299,6 +302,8 @@ class Session:
                 bound = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
                 bound = kwargs
+            if bound.get("complex_human_instruction"):
+                raise ValueError(_INSTRUCTION_REFUSAL)
             cfg = bound.get("do_classifier_free_guidance")
             if cfg is None:
                 cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
@@ -367,10 +372,11 @@ class Session:
         run = self.run
         if self._cfg_forced is not None:
             run = dataclasses.replace(run, cfg=self._cfg_forced) if run else RunInfo(cfg=self._cfg_forced)
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        self.context = StepContext(
+        if not isinstance(timestep, torch.Tensor) or torch.compiler.is_compiling():
+            timestep = timestep_value(timestep)  # hooks traced into a compiled UNet: as before (a float)
+        self.context = StepContext(  # a tensor timestep stays as given: converting it would sync the device
             index=self._step,
-            timestep=t,
+            timestep=timestep,
             total=self._total,
             latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])),
             layout=batch_layout(int(sample.shape[0]), run),
@@ -402,6 +408,14 @@ class Session:
             for controller in self.controllers:
                 controller.end_step(self.context)
         return None
+
+
+_INSTRUCTION_REFUSAL = (
+    "SanaPipeline prepends its complex_human_instruction to the prompt and keeps the last tokens of both, so the "
+    "prompt's words do not sit where promptcontrol's word positions say (maps, weights and edits would land on the "
+    "wrong tokens); call the pipeline with complex_human_instruction=None inside pc.control / pc.trace / "
+    "pc.generate / pc.edit"
+)
 
 
 class _Missing:

@@ -3,8 +3,11 @@
 The mapping uses the tokenizer's character offsets, so multi-token words ("photorealistic" → photo +
 realistic), punctuation, hyphenated words ("blue-green" is one word of three tokens), repeated words and
 case all work. Prompts and queries are read in Unicode NFC, as CLIP's tokenizer reads them, so a decomposed
-accent ("nai" + U+0308 + "ve") stays inside its word and either spelling finds it. Position 0 is the start token; the prompt's tokens follow; then the end token and padding
-up to ``max_length`` (77 for CLIP). Words whose tokens fall past the limit are reported as truncated.
+accent ("nai" + U+0308 + "ve") stays inside its word and either spelling finds it. CLIP: position 0 is the start
+token; the prompt's tokens follow; then the end token and padding up to ``max_length`` (77). T5 (PixArt) has no
+start token (the prompt starts at 0, ``</s>`` follows it), Gemma (Sana) a start token and no end token: the special
+tokens around the prompt are read from the tokenizer, never assumed. Words whose tokens fall past the limit are
+reported as truncated.
 
 SDXL: both text encoders tokenize the prompt with the same byte-pair vocabulary and their features are
 concatenated along the feature axis, so token positions (and therefore word positions) are shared.
@@ -48,6 +51,8 @@ class PromptTokens:
     words:      every word, in order (truncated words keep the positions that survived, possibly none)
     truncated:  the words with at least one token past the limit
     max_length: the tokenizer's sequence length (the UNet's number of keys)
+    prompt_start: position of the prompt's first token (1 after CLIP's / Gemma's start token, 0 for T5)
+    end_count:  how many special tokens follow the prompt (1: CLIP's and T5's end token; 0: Gemma)
     """
 
     prompt: str  # in NFC (see normalize_text): word offsets index this string
@@ -55,6 +60,8 @@ class PromptTokens:
     words: tuple[Word, ...]
     truncated: tuple[Word, ...]
     max_length: int
+    prompt_start: int = 1
+    end_count: int = 1
 
     @property
     def texts(self) -> list[str]:
@@ -63,12 +70,14 @@ class PromptTokens:
 
     @property
     def start_position(self) -> int:
+        """Position 0: the start token (CLIP, Gemma), or the prompt's first token where there is none (T5)."""
         return 0
 
     @property
     def end_position(self) -> int:
-        """Position of the end token (the first padding-like slot after the prompt)."""
-        return len(self.input_ids) - 1
+        """Position of the end token, or the first padding slot where there is none (Gemma): the first
+        padding-like slot after the prompt."""
+        return len(self.input_ids) - self.end_count
 
     @property
     def padding_positions(self) -> tuple[int, ...]:
@@ -110,29 +119,45 @@ class PromptTokens:
         return sorted({p for w in self.find(query, occurrence) for p in w.tokens})
 
 
-def tokenize(tokenizer, prompt: str) -> PromptTokens:
-    """Tokenize ``prompt`` (read in NFC) and map its words to token positions (needs a tokenizer with offsets)."""
+def special_counts(tokenizer, ids: list[int]) -> tuple[int, int]:
+    """(special tokens before the prompt, special tokens after it) in ``ids``, by the tokenizer's special ids."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    start = 0
+    while start < len(ids) and ids[start] in special:
+        start += 1
+    end = 0
+    while end < len(ids) - start and ids[len(ids) - 1 - end] in special:
+        end += 1
+    return start, end
+
+
+def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> PromptTokens:
+    """Tokenize ``prompt`` (read in NFC) and map its words to token positions (needs a tokenizer with offsets).
+
+    ``max_length``: the sequence length the text encoder saw (e.g. a pipeline's ``max_sequence_length``);
+    default the tokenizer's ``model_max_length``."""
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
     prompt = normalize_text(prompt)
-    max_length = int(getattr(tokenizer, "model_max_length", 77))
+    max_length = int(max_length or getattr(tokenizer, "model_max_length", 77))
     try:
         encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
     except NotImplementedError as error:  # slow tokenizers have no offsets
         raise TypeError(f"{type(tokenizer).__name__} gives no character offsets; use a fast tokenizer") from error
     ids = list(encoded["input_ids"])
     offsets = list(encoded["offset_mapping"])
-    last_kept = max_length - 2  # the last position that holds a prompt token; max_length - 1 is the end token
+    start_count, end_count = special_counts(tokenizer, ids)
+    last_kept = max_length - 1 - end_count  # the last position that holds a prompt token (end tokens follow it)
     words, truncated = [], []
     for index, match in enumerate(WORD_PATTERN.finditer(prompt)):
         start, end = match.span()
         positions = [
-            p for p, (s, e) in enumerate(offsets) if e > s and s < end and e > start and 0 < p < len(ids) - 1
+            p for p, (s, e) in enumerate(offsets) if e > s and s < end and e > start and start_count <= p < len(ids) - end_count
         ]
         word = Word(match.group(0), index, start, end, tuple(p for p in positions if p <= last_kept))
         words.append(word)
         if any(p > last_kept for p in positions):
             truncated.append(word)
-    if len(ids) > max_length:
-        ids = ids[: max_length - 1] + ids[-1:]
-    return PromptTokens(prompt, tuple(ids), tuple(words), tuple(truncated), max_length)
+    if len(ids) > max_length:  # what truncation gives: the first tokens, then the end tokens
+        ids = ids[: max_length - end_count] + ids[len(ids) - end_count :]
+    return PromptTokens(prompt, tuple(ids), tuple(words), tuple(truncated), max_length, start_count, end_count)

@@ -20,7 +20,9 @@ from .heatmap import HeatMaps, build_heatmaps
 from .recording import fold_place_level, old_step_tuple
 from .session import Session, control
 
-_STORE_OPTIONS = ("steps", "sites", "per_step", "per_head", "dtype", "max_side", "device", "places", "levels")
+_STORE_OPTIONS = (
+    "steps", "sites", "per_step", "per_head", "dtype", "max_side", "device", "joint_norm", "places", "levels",
+)
 
 
 class Trace:

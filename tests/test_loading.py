@@ -81,3 +81,39 @@ def test_bad_options_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             load_pipeline(device="cuda")
+
+
+def test_sd3_folder_without_t5_loads_with_its_none_components(tmp_path):
+    """SD3 saved with text_encoder_3 = tokenizer_3 = None ([null, null] in model_index.json) loads as saved."""
+    from promptcontrol.testing_sd3 import tiny_sd3
+
+    pipe = tiny_sd3()
+    pipe.save_pretrained(tmp_path / "sd3")
+    loaded = load_pipeline(tmp_path / "sd3", device="cpu")
+    assert type(loaded).__name__ == "StableDiffusion3Pipeline"
+    assert loaded.text_encoder_3 is None and loaded.tokenizer_3 is None
+    ref = pipe.transformer.state_dict()
+    for k, v in loaded.transformer.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+@pytest.mark.parametrize("which", ["pixart", "sana"])
+def test_pixart_and_sana_folders_load_as_their_pipeline_class(tmp_path, which):
+    from promptcontrol import testing_dit
+
+    pipe = getattr(testing_dit, f"tiny_{which}")()
+    pipe.save_pretrained(tmp_path / which)
+    loaded = load_pipeline(tmp_path / which, device="cpu")
+    assert type(loaded) is type(pipe) and loaded.transformer.dtype == torch.float32
+    ref = pipe.transformer.state_dict()
+    for k, v in loaded.transformer.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_unreadable_model_index_names_the_file(tmp_path):
+    from promptcontrol.loading import ModelFolderError
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match="model_index.json cannot be read"):
+        load_pipeline(tmp_path / "p", device="cpu")

@@ -187,12 +187,7 @@ def test_sd3_sites_joint_text_after_image_with_dual_attention_self_sites():
 
 
 def test_flux_sites_double_and_single_stream_text_first():
-    from diffusers import FluxTransformer2DModel
-
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
-    )
+    model = _flux()
     sites = pc.find_sites(model)
     streams = [(s.stream, s.block) for s in sites]
     assert streams == [("double", 0), ("double", 1), ("single", 0), ("single", 1), ("single", 2)]
@@ -211,8 +206,17 @@ def test_pixart_sites_self_and_cross():
                      (1, "attn1", "self", None), (1, "attn2", "cross", "all")]
 
 
-def test_control_on_a_transformer_is_refused_clearly_and_installs_nothing():
-    model = _sd3()
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    )
+
+
+def test_control_on_an_unserved_transformer_is_refused_clearly_and_installs_nothing():
+    model = _flux()  # Flux's joint attention has no processor yet (SD3's has)
     before = _processors(model)
     with pytest.raises(NotImplementedError, match=r"no processor for its joint attention yet.*UNet pipeline"):
         with pc.control(model, pc.AttentionStore()):

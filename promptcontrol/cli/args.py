@@ -116,6 +116,9 @@ def word_weight(text: str) -> tuple[str, float]:
 
 
 # ---- the common option block --------------------------------------------------------------------------------
+MODEL_HELP = ("hub id or local pipeline folder: SD 1.x/2.x, SDXL, SD3/SD3.5, PixArt-Sigma or Sana (default: the "
+              "embedded toy model); PixArt/Sana are called at exactly --size (no resolution binning), with the "
+              "prompt as typed (no caption cleaning) and, on Sana, no complex human instruction")
 SEED_HELP = "seed of the starting noise (default 0)"
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cuda, mps or cpu"
 
@@ -125,7 +128,7 @@ def common_options(parser: argparse.ArgumentParser, *, seed_help: str = SEED_HEL
     """Add the "common options" group: model, steps, guidance, seed, size, [batch], device, dtype, [out, force,
     quiet]; returns the group so that a command can add its own options to it (the sweep: resuming, barriers)."""
     g = parser.add_argument_group("common options")
-    g.add_argument("--model", default=None, help="hub id or local pipeline folder (default: the embedded toy model)")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
     g.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--seed", type=seed_value, default=0, help=seed_help)

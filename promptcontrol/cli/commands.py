@@ -1,6 +1,10 @@
 """The commands ``inspect``, ``generate``, ``edit`` and ``evaluate``: each a parser and a runner.
 
 A runner takes the parsed options, checks what it can before the model loads, and returns the files it wrote.
+``--model`` takes any pipeline folder ``load_pipeline`` loads: SD 1.x/2.x, SDXL, SD3 / SD3.5, PixArt-Σ, Sana.
+Where the pipeline's ``__call__`` takes them, the call also gets ``use_resolution_binning=False``,
+``clean_caption=False`` and ``complex_human_instruction=None`` (see ``pipeline_call.FACE_CALL_DEFAULTS``), and
+``run.json`` records them as ``pipeline_arguments``.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..pipeline_call import pipe_kwargs, quiet_diffusers_logs, seeded_generator
+from ..pipeline_call import pipeline_call_kwargs, quiet_diffusers_logs, seeded_generator
 from .args import (CliError, common_options, explained_model_errors, guidance_scale, positive_int, seed_value,
                    step_fraction, word_weight)
 
@@ -82,14 +86,22 @@ def load(args: argparse.Namespace) -> Any:
     return pipe
 
 
-def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Steps, guidance and size of the pipeline call."""
-    return pipe_kwargs(args.steps, args.guidance, args.size)
+def call_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """Steps, guidance and size of the pipeline call, plus what ``pipe.__call__`` takes of
+    :data:`~promptcontrol.pipeline_call.FACE_CALL_DEFAULTS` (PixArt / Sana: no resolution binning, no caption
+    cleaning; Sana: no complex human instruction)."""
+    return pipeline_call_kwargs(pipe, args.steps, args.guidance, args.size)
 
 
-def parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The options as ``run.json`` records them."""
-    return {k: v for k, v in vars(args).items() if k not in {"run", "force", "quiet"}}
+def parameters(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
+    """The options as ``run.json`` records them, and (``pipeline_arguments``) what the call added for ``pipe``."""
+    from ..pipeline_call import accepted_call_defaults
+
+    recorded = {k: v for k, v in vars(args).items() if k not in {"run", "force", "quiet"}}
+    added = accepted_call_defaults(pipe) if pipe is not None else {}
+    if added:  # PixArt / Sana; nothing on SD / SD3, whose records stay as they were
+        recorded["pipeline_arguments"] = added
+    return recorded
 
 
 def _slug(text: str) -> str:
@@ -111,11 +123,11 @@ def run_inspect(args: argparse.Namespace) -> list[str]:
     with run:
         with trace(pipe, per_step=args.per_step) as tr:
             images = pipe(args.prompt, num_images_per_prompt=args.batch, generator=seeded_generator(args.seed),
-                          **call_kwargs(args)).images
+                          **call_kwargs(args, pipe)).images
         files = []
         for i, image in enumerate(images):
             files += _draw_maps(args, run, tr, i, image, stem=f"image_{i}" if len(images) > 1 else "image")
-        run.write_json("run.json", run_record("inspect", parameters(args), files + ["run.json"]))
+        run.write_json("run.json", run_record("inspect", parameters(args, pipe), files + ["run.json"]))
     return [f"{args.out}/{f}" for f in files]
 
 
@@ -154,14 +166,14 @@ def run_generate(args: argparse.Namespace) -> list[str]:
             negative_prompt=negative,  # the pipeline wants a list beside a list of prompts
             num_images_per_prompt=args.batch,
             generator=seeded_generator(args.seed),
-            **call_kwargs(args),
+            **call_kwargs(args, pipe),
         )
         files = []
         for i, image in enumerate(images):
             name = f"image_{i}.png" if len(images) > 1 else "image.png"
             image.save(run.file(name))
             files.append(name)
-        run.write_json("run.json", run_record("generate", parameters(args), files + ["run.json"]))
+        run.write_json("run.json", run_record("generate", parameters(args, pipe), files + ["run.json"]))
     return [f"{args.out}/{f}" for f in files]
 
 
@@ -184,7 +196,7 @@ def run_edit(args: argparse.Namespace) -> list[str]:
             reweight=dict(args.reweight) if args.reweight else None,
             mode=args.edit_mode,
             seed=args.seed,
-            **call_kwargs(args),
+            **call_kwargs(args, pipe),
         )
         files = ["source.png", "grid.png"]
         result.source.save(run.file("source.png"))
@@ -192,7 +204,7 @@ def run_edit(args: argparse.Namespace) -> list[str]:
             image.save(run.file(f"edit_{i}.png"))
             files.append(f"edit_{i}.png")
         result.grid().save(run.file("grid.png"))
-        run.write_json("run.json", run_record("edit", parameters(args), files + ["run.json"]))
+        run.write_json("run.json", run_record("edit", parameters(args, pipe), files + ["run.json"]))
     return [f"{args.out}/{f}" for f in files]
 
 

@@ -9,25 +9,31 @@ two coarsest levels of SD 1.x (16² and the 8² middle). That rule is hard-wired
 ``levels`` (downsampling levels, see :class:`~promptcontrol.sites.AttentionSite`), by default the two coarsest
 levels that have self-attention, which is the same layers at 512² and scales with the image size and model.
 Unconditional rows are left alone, as prompt-to-prompt does.
+
+Transformers (PixArt, Sana): every block sees the same token grid, so every site is level 0 and the default
+injects at the self-attention of every block. Self-attention that promptcontrol cannot mirror (Sana's linear
+attention, ``SanaLinearAttnProcessor2_0``, or a custom processor) is left alone, with a warning naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
 
 from ..alignment import edit_rows
 from ..context import SessionView, StepContext
-from ..plan import IDENTITY, AttentionPlan, AttentionTerm
+from ..plan import IDENTITY, AttentionPlan, AttentionTerm, on_device
 from ..schedule import WindowLike, site_filter, window
 from ..sites import AttentionSite
 from .base import Controller
 
 
 def default_self_levels(sites: Sequence[AttentionSite], count: int = 2) -> tuple[int, ...]:
-    """The ``count`` coarsest levels that have self-attention (prompt-to-prompt's ≤16² layers at 512²)."""
-    levels = sorted({s.level for s in sites if s.kind == "self"})
+    """The ``count`` coarsest levels that have self-attention (prompt-to-prompt's ≤16² layers at 512²); joint
+    attention (SD3) counts, since its image → image part is self-attention."""
+    levels = sorted({s.level for s in sites if s.kind in ("self", "joint")})
     return tuple(levels[-count:])
 
 
@@ -35,7 +41,22 @@ def _self_sites(levels: Sequence[int]) -> Callable[[AttentionSite], bool]:
     """``site -> bool``: the self-attention sites of ``levels`` (none when ``levels`` is empty)."""
     if not levels:
         return lambda site: False
-    return site_filter({"kinds": "self", "levels": tuple(levels)}, "self_levels")
+    # joint attention (SD3): its processor gives the injection to the image → image part only
+    return site_filter({"kinds": ("self", "joint"), "levels": tuple(levels)}, "self_levels")
+
+
+def _processor_name(session: SessionView, site: AttentionSite) -> str:
+    module = dict(session.unet.named_modules()).get(site.module_path)
+    return type(getattr(module, "processor", None)).__name__
+
+
+def _mirrorable(session: SessionView, site: AttentionSite) -> bool:
+    """Whether the site's current processor is one promptcontrol's processor stands in for (not linear attention)."""
+    from ..processors import kind_for
+
+    kind = kind_for(site)
+    name = _processor_name(session, site)
+    return kind is not None and (name in kind.equivalent or name in kind.replaceable)
 
 
 class InjectSelf(Controller):
@@ -44,6 +65,8 @@ class InjectSelf(Controller):
     steps:  a fraction or a ``(start, end)`` pair of the denoising steps (prompt-to-prompt's ``self_replace_steps``)
     levels: the levels to inject at; ``None`` = the two coarsest levels with self-attention
     """
+
+    plan_per_step = True  # the same plan at every site it acts at: composed once per step (see processors/attention.py)
 
     def __init__(self, steps: WindowLike = 0.4, *, levels: Sequence[int] | None = None):
         if isinstance(steps, dict):
@@ -60,7 +83,18 @@ class InjectSelf(Controller):
 
     def bind(self, session: SessionView) -> None:
         levels = self.levels if self.levels is not None else default_self_levels(session.sites)
-        self._at_site = _self_sites(levels)
+        chosen = _self_sites(levels)
+        served = {s.key for s in session.sites if chosen(s) and _mirrorable(session, s)}
+        skipped = sorted({_processor_name(session, s) for s in session.sites if chosen(s) and s.key not in served})
+        if skipped:
+            where = "any" if not served else "some"
+            warnings.warn(
+                f"self_steps skips {where} self-attention sites of {type(session.unet).__name__}: their processor "
+                f"({', '.join(skipped)}) is not softmax attention promptcontrol can inject into (Sana's linear "
+                "attention, or a custom processor); pass self_steps=0 to silence this",
+                stacklevel=4,
+            )
+        self._at_site = lambda site: site.key in served
         param = next(session.unet.parameters(), None)
         self._device = param.device if param is not None else "cpu"
 
@@ -79,7 +113,7 @@ class InjectSelf(Controller):
         rows = torch.arange(ctx.batch_size)
         for row, source_row in pairs:
             rows[row] = source_row
-        self._plan = AttentionPlan((AttentionTerm(qk_rows=rows.to(self._device)),))
+        self._plan = AttentionPlan((AttentionTerm(qk_rows=on_device(rows, self._device)),))
 
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
         if self._plan.is_identity or not self._at_site(site):

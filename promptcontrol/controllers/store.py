@@ -13,8 +13,10 @@ What is kept (per pipeline run, for the conditional rows only, one slice per out
 * ``per_head=True`` — also a running sum per head per site, on the CPU (float32, since it accumulates), at the
   same resolution cap. Needed for ``heatmaps(heads=...)``.
 
-Per-step and per-head maps of a step are moved to the CPU together when the step ends (one device sync per
-step, not one per site); until then they wait on the attention's device.
+Nothing inside a denoising step waits for the device: per-step maps leave for the CPU when the step ends, by
+non-blocking copies into pinned memory (on CUDA; a plain CPU tensor stays as it is); per-head sums accumulate on
+the attention's device while the run records and move to the CPU in bulk when the recording is read (or the
+session ends), which is also when the timesteps (kept as the UNet got them) become floats and the copies are waited for.
 
 The probabilities are materialised only at the cross-attention sites and steps selected by ``steps`` and
 ``sites`` (the one vocabulary of :func:`promptcontrol.schedule.step_filter` / ``site_filter``); every other
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..context import SessionView, StepContext, batch_mismatch
+from ..context import SessionView, StepContext, batch_mismatch, timestep_value
 from ..plan import AttentionPlan
 from ..recording import Recording, fold_place_level, old_step_tuple, to_grid
 from ..schedule import PLACES, site_filter, step_filter
@@ -52,7 +54,8 @@ class RunRecord:
 
     sums[key]:       (N, Q, K) float32 — summed over recorded steps and heads
     counts[key]:     number of (step × head) maps added to ``sums[key]``
-    head_sums[key]:  (N, heads, K, h', w') float32 on CPU — summed over steps (``per_head``)
+    head_sums[key]:  (N, heads, K, h', w') float32 — summed over steps (``per_head``); on the attention's device
+                     while the run records, on the CPU once the recording is read
     head_counts[key]: number of steps added to ``head_sums[key]``
     step_maps[step][key]: (N, K, h', w') at the store's dtype on CPU — mean over heads (``per_step="site"``)
     level_steps[step][level]: (N, K, h', w') at the store's dtype on CPU — mean over heads and the level's sites
@@ -73,7 +76,7 @@ class RunRecord:
     step_maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     level_steps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     level_sites: dict[int, int] = field(default_factory=dict)
-    timesteps: dict[int, float] = field(default_factory=dict)
+    timesteps: dict[int, Any] = field(default_factory=dict)  # floats once settled (tensors while recording)
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     small_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -196,6 +199,9 @@ class AttentionStore(Controller):
     dtype:    storage dtype of the per-step maps (default float16)
     max_side: resolution cap of per-step / per-head maps (``None``: full resolution)
     device:   where the default running sums live (``None``: the device attention runs on)
+    joint_norm: at joint-attention sites (SD3), which normalisation the image × text maps use: ``"joint"`` (the
+              default: the mass each pixel gives a word inside the one softmax over image and text keys) or
+              ``"text"`` (renormalised over the text keys, like a UNet's cross-attention); see docs/transformers.md
     """
 
     def __init__(
@@ -210,7 +216,14 @@ class AttentionStore(Controller):
         dtype: torch.dtype = torch.float16,
         max_side: int | None = 32,
         device: str | torch.device | None = None,
+        joint_norm: str = "joint",
     ):
+        if joint_norm not in ("joint", "text"):
+            raise ValueError(
+                f"joint_norm must be 'joint' (mass inside the joint softmax) or 'text' (renormalised over the text "
+                f"keys); got {joint_norm!r}"
+            )
+        self.joint_norm = joint_norm  # read by the joint-attention processor (SD3)
         self._names = _named_patterns(sites)  # checked against the denoiser's cross sites at bind
         self.site_spec = fold_place_level(sites, places, levels, "AttentionStore", stacklevel=2)
         self.step_spec = old_step_tuple(steps, stacklevel=2)
@@ -238,6 +251,10 @@ class AttentionStore(Controller):
         self._row_index: dict[torch.device, torch.Tensor] = {}
         self._level_acc: dict[int, list] = {}  # level → [sum (N, Q, K) of head means, sites, grid] this step
         self._pending: list[tuple[str, str, torch.Tensor]] = []  # ("step" | "head", key, map) to move to the CPU
+        self._in_flight = False  # non-blocking device → host copies not waited for yet
+        self._seen: dict[str, tuple[int, int, int, int]] = {}  # key → (heads, Q, K, level) recorded this step
+        self._grids: dict[str, tuple[int, int]] = {}  # key → its level's grid at the current latent size
+        self._grids_for: tuple[int, int] | None = None
 
     # ---- selection ---------------------------------------------------------------------------------------
     def _selected(self, site: AttentionSite) -> bool:
@@ -269,8 +286,10 @@ class AttentionStore(Controller):
             self.scale_factor = factor
 
     def unbind(self) -> None:
-        self._level_acc = {}
-        self._pending = []
+        self._settle()
+        self._level_acc.clear()
+        self._pending.clear()
+        self._seen.clear()
         self._current = None
         self._recording = False
         self._row_index = {}
@@ -286,34 +305,90 @@ class AttentionStore(Controller):
         # conditional rows ordered by output image
         self._rows = tuple(r for _, r in sorted((layout.image_of_row[r], r) for r in layout.cond_rows))
         self._row_index = {}
-        self._pending, self._level_acc = [], {}  # nothing left over from a step that raised
+        self._pending.clear()  # nothing left over from a step that raised (cleared, not replaced: a compiled
+        self._level_acc.clear()  # UNet's graph keeps writing into the same containers)
+        self._seen.clear()
         self._recording = bool(self._rows) and bool(self._want_step(ctx))
+        if self._recording:
+            if self._current is None:  # a new run's images are appended at its first recorded step
+                self._current = self._new_run(ctx)
+            if self._grids_for != ctx.latent_hw:
+                self._grids = {key: grid_for(ctx.latent_hw, site.level) for key, site in self.sites.items()}
+                self._grids_for = ctx.latent_hw
 
     def end_step(self, ctx: StepContext) -> None:
         self._recording = False
         run = self._current
+        if self._seen and run is not None:  # the step's bookkeeping, out of the attention calls (and any graph)
+            self._book(run, ctx)
         if self._pending and run is not None:
             for kind, key, tensor in self._pending:
-                tensor = tensor.to("cpu")
                 if kind == "step":
-                    run.step_maps.setdefault(ctx.index, {})[key] = tensor
-                elif key in run.head_sums:
-                    run.head_sums[key] += tensor
+                    run.step_maps.setdefault(ctx.index, {})[key] = self._to_host(tensor)
+                elif key in run.head_sums:  # summed on the attention's device: no copy per step
+                    total = run.head_sums[key]
+                    if total.device != tensor.device:  # the recording was read mid-run: back to the device
+                        total = run.head_sums[key] = total.to(tensor.device)
+                    total += tensor
                     run.head_counts[key] += 1
                 else:
                     run.head_sums[key] = tensor
                     run.head_counts[key] = 1
-        self._pending = []
+        self._pending.clear()
         if self._level_acc and run is not None:
             maps = run.level_steps.setdefault(ctx.index, {})
             for level, (total, count, grid) in self._level_acc.items():
                 mean = pool_to(to_grid(total / count, grid), capped_grid(grid, self.max_side))
-                maps[level] = mean.to("cpu", self.dtype)  # (N, K, h', w')
+                maps[level] = self._to_host(mean.to(self.dtype))  # (N, K, h', w')
                 run.level_sites[level] = count
-        self._level_acc = {}
+        self._level_acc.clear()
+
+    def _book(self, run: RunRecord, ctx: StepContext) -> None:
+        """Counts, grids, tokens and the timestep of the sites recorded at this step."""
+        for key, (heads, q, k, level) in self._seen.items():
+            run.counts[key] = run.counts.get(key, 0) + heads
+            if key not in run.grids:
+                grid = self._site_grid(key, level, ctx.latent_hw, q)
+                run.grids[key] = grid
+                run.small_grids[key] = capped_grid(grid, self.max_side)
+            if run.num_tokens is None:
+                run.num_tokens = k
+        run.timesteps[ctx.index] = ctx.raw_timestep  # a float when the recording is read: no sync here
+        self._seen.clear()
+
+    def _site_grid(self, key: str, level: int, latent_hw: tuple[int, int], q: int) -> tuple[int, int]:
+        """The (h, w) of a site's ``q`` queries: its level's grid, or the grid a ``q``-long sequence gives."""
+        grid = self._grids.get(key) or grid_for(latent_hw, level)
+        return grid if grid[0] * grid[1] == q else grid_from_length(latent_hw, q)
 
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self._recording
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the CPU without waiting: a non-blocking copy into pinned memory from CUDA (valid once
+        :meth:`_settle` has synchronised); a CPU tensor as it is."""
+        if tensor.device.type == "cpu":
+            return tensor
+        if tensor.device.type != "cuda":
+            return tensor.to("cpu")
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        self._in_flight = True
+        return host
+
+    def _settle(self) -> None:
+        """Make every run readable on the host (outside any step): wait for the copies in flight, per-head sums to
+        the CPU, timesteps to floats."""
+        if self._in_flight:
+            torch.cuda.synchronize()
+            self._in_flight = False
+        for run in self.runs:
+            for key, total in run.head_sums.items():
+                if total.device.type != "cpu":
+                    run.head_sums[key] = total.to("cpu")
+            for step, t in run.timesteps.items():
+                if not isinstance(t, float):
+                    run.timesteps[step] = timestep_value(t)
 
     def _new_run(self, ctx: StepContext) -> RunRecord:
         run = ctx.run
@@ -340,33 +415,33 @@ class AttentionStore(Controller):
         return probs.index_select(0, index)
 
     def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor, plan: AttentionPlan) -> None:
-        """Add ``probs`` (B, heads, Q, K) of the conditional rows to this run's record."""
-        if int(probs.shape[0]) != ctx.layout.size:
+        """Add ``probs`` (B, heads, Q, K) of the conditional rows to this run's record.
+
+        Per call only tensor work and writes into containers that live for the session (the run, its sums, the
+        step's pending maps); counts, grids and the timestep are booked at ``end_step``. No branch depends on the
+        step, so a compiled UNet keeps one graph for every recorded step after the first."""
+        if probs.shape[0] != ctx.layout.size:
             raise ValueError(batch_mismatch(ctx, int(probs.shape[0])))
-        if self._current is None:
-            self._current = self._new_run(ctx)
         run = self._current
+        if run is None:  # called without begin_step having opened the run (a direct call)
+            run = self._current = self._new_run(ctx)
         cond = self._cond(probs)  # (N, heads, Q, K)
         heads, q, k = cond.shape[1:]
-        if run.num_tokens is None:
-            run.num_tokens = k
-        grid = run.grids.get(site.key)
-        if grid is None:
-            grid = grid_for(ctx.latent_hw, site.level)
-            if grid[0] * grid[1] != q:
-                grid = grid_from_length(ctx.latent_hw, q)
-            run.grids[site.key] = grid
-            run.small_grids[site.key] = capped_grid(grid, self.max_side)
+        self._seen[site.key] = (heads, q, k, site.level)
         summed = cond.sum(dim=1)  # (N, Q, K)
         target = summed if self.device is None else summed.to(self.device)
-        if site.key in run.sums:
-            run.sums[site.key] += target
-        else:
+        total = run.sums.get(site.key)
+        if total is None:
             run.sums[site.key] = target
-        run.counts[site.key] = run.counts.get(site.key, 0) + heads
-        run.timesteps[ctx.index] = ctx.timestep
-        small = run.small_grids[site.key]
-        # CPU copies wait for end_step: one device sync per step instead of one per site
+        else:
+            total += target
+        if self.per_head or self.per_step is not None:
+            self._keep_maps(site, ctx, cond, summed, heads, q)
+
+    def _keep_maps(self, site, ctx, cond, summed, heads: int, q: int) -> None:
+        """Per-head and per-step maps of this call (moved to the CPU at ``end_step``, without waiting)."""
+        grid = self._site_grid(site.key, site.level, ctx.latent_hw, q)
+        small = capped_grid(grid, self.max_side)
         if self.per_head:
             per_head = pool_to(to_grid(cond, grid), small)  # (N, heads, K, h', w')
             self._pending.append(("head", site.key, per_head.to(torch.float32, copy=True)))
@@ -406,6 +481,7 @@ class AttentionStore(Controller):
         """Image ``index`` as a :class:`~promptcontrol.recording.Recording`: its prompt, sites, grids, steps, sums
         and per-step / per-head maps (views of the store's tensors; copies while its run is still recording)."""
         image = self.image(index)
+        self._settle()
         run, slot = image.run, image.slot
         live = run is self._current  # its sums still grow in place: hand out a copy
 
@@ -460,6 +536,7 @@ class AttentionStore(Controller):
 
     def memory_bytes(self) -> int:
         """Bytes held by the recorded tensors (running sums, per-head sums, per-step maps)."""
+        self._settle()
         total = 0
         for run in self.runs:
             tensors = [*run.sums.values(), *run.head_sums.values()]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..sites import AttentionSite
 from .attention import ControlledAttnProcessor
+from .joint import ControlledJointAttnProcessor
 
 
 @dataclass(frozen=True)
@@ -24,27 +25,74 @@ class ProcessorKind:
     make: Callable[..., Any]  # (session, site, controllers, record_calls) -> processor
     equivalent: frozenset[str]
     replaceable: frozenset[str] = frozenset()
+    refuses: Callable[[Any], str | None] = lambda module: None  # why this module's ops cannot be mirrored, or None
 
     def is_ours(self, processor: Any) -> bool:
         return isinstance(processor, self.make) if isinstance(self.make, type) else False
 
 
+def _norm_across_heads(module: Any) -> str | None:
+    """Sana 1.5 normalises q/k over the whole width before the head split; the AttnProcessor2_0 mirror normalises
+    each head (it would fail on the shapes, or compute something else): refuse it by name."""
+    norm = getattr(module, "norm_q", None)
+    weight = getattr(norm, "weight", None)
+    head_dim = getattr(module, "inner_dim", 0) // max(int(getattr(module, "heads", 1)), 1)
+    if weight is not None and weight.numel() not in (head_dim,):
+        return (
+            f"this attention normalises q/k across all heads ({type(norm).__name__} over {weight.numel()} features, "
+            f"e.g. Sana 1.5's qk_norm='rms_norm_across_heads'), which promptcontrol's processor does not mirror yet; "
+            "use a model with per-head (or no) qk-norm"
+        )
+    return None
+
+
 ATTENTION = ProcessorKind(
     name="attention (AttnProcessor2_0)",
     make=ControlledAttnProcessor,
-    equivalent=frozenset({"AttnProcessor2_0", "FusedAttnProcessor2_0"}),
+    refuses=_norm_across_heads,
+    # SanaAttnProcessor2_0 (Sana's cross-attention) is AttnProcessor2_0's ops without the unused prologue/epilogue
+    equivalent=frozenset({"AttnProcessor2_0", "FusedAttnProcessor2_0", "SanaAttnProcessor2_0"}),
     replaceable=frozenset({"AttnProcessor", "SlicedAttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU"}),
 )
 
-KINDS: dict[str, ProcessorKind] = {"cross": ATTENTION, "self": ATTENTION}
-"""Site kind -> processor kind. Joint attention (SD3, Flux) is not served yet."""
+JOINT_NAMES = frozenset({"JointAttnProcessor2_0", "FusedJointAttnProcessor2_0"})
 
-OURS: tuple[type, ...] = (ControlledAttnProcessor,)
+JOINT = ProcessorKind(
+    name="joint attention (JointAttnProcessor2_0)",
+    make=ControlledJointAttnProcessor,
+    equivalent=JOINT_NAMES,
+)
+
+
+def _self_processor(session, site, controllers, record_calls):
+    """Self-attention sites: SD3.5's dual-attention ``attn2`` runs the joint processor without text, so it gets
+    promptcontrol's joint processor (same ops); every other self site gets the ``AttnProcessor2_0`` mirror."""
+    module = dict(session.denoiser.named_modules()).get(site.module_path)
+    current = type(getattr(module, "processor", None)).__name__
+    make = ControlledJointAttnProcessor if current in JOINT_NAMES else ControlledAttnProcessor
+    return make(session, site, controllers, record_calls)
+
+
+SELF = ProcessorKind(
+    name="self-attention (AttnProcessor2_0, or JointAttnProcessor2_0 without text)",
+    make=_self_processor,
+    equivalent=ATTENTION.equivalent | JOINT_NAMES,
+    replaceable=ATTENTION.replaceable,
+)
+
+KINDS: dict[str, ProcessorKind] = {"cross": ATTENTION, "self": SELF, "joint": JOINT}
+"""Site kind -> processor kind. SD3's joint attention is served; Flux's (text first, single-stream blocks) not
+yet: :func:`kind_for` refuses it."""
+
+OURS: tuple[type, ...] = (ControlledAttnProcessor, ControlledJointAttnProcessor)
 """Every processor class of promptcontrol (to recognise one left behind by a failed restore)."""
 
 
 def kind_for(site: AttentionSite) -> ProcessorKind | None:
-    """The processor kind that serves ``site``, or ``None`` when promptcontrol has none for it yet."""
+    """The processor kind that serves ``site``, or ``None`` when promptcontrol has none for it yet (Flux-style
+    joint attention: text first or single-stream)."""
+    if site.kind == "joint" and (site.text_keys != "after" or site.stream != "double"):
+        return None
     return KINDS.get(site.kind)
 
 
@@ -52,21 +100,23 @@ def unserved(site: AttentionSite) -> str:
     """Why ``site`` cannot be controlled yet, naming what is supported."""
     return (
         f"promptcontrol has no processor for {site.kind} attention yet (site {site.module_path}: "
-        f"{'SD3/Flux joint attention' if site.kind == 'joint' else site.kind}); supported today: cross- and "
+        f"{'Flux joint attention' if site.kind == 'joint' else site.kind}); supported today: cross- and "
         "self-attention with diffusers' AttnProcessor2_0 (Stable Diffusion 1.x / 2.x / SDXL UNets, and the "
-        "cross-attention of PixArt / Sana transformers). Exclude these sites with sites=... or use a supported pipeline"
+        "cross-attention of PixArt / Sana transformers) and SD3 / SD3.5 joint attention (JointAttnProcessor2_0). "
+        "Exclude these sites with sites=... or use a supported pipeline"
     )
 
 
 def unserved_model(sites: list[AttentionSite]) -> str | None:
-    """Why a denoiser cannot be controlled at all yet — its text reaches the image only through joint attention,
-    which has no processor here yet (SD3, Flux) — or ``None``."""
+    """Why a denoiser cannot be controlled at all yet — its text reaches the image only through joint attention
+    that has no processor here yet (Flux: text first, single-stream blocks) — or ``None``."""
     joint = [site for site in sites if site.kind == "joint" and kind_for(site) is None]
     if not joint:
         return None
     counts = ", ".join(f"{sum(s.kind == k for s in sites)} {k}" for k in sorted({s.kind for s in sites}))
     return (
         f"promptcontrol finds this transformer's attention sites ({counts}) but has no processor for its joint "
-        "attention yet (SD3, Flux: the next features). For now use a UNet pipeline (Stable Diffusion 1.x / 2.x / "
-        "SDXL) or a PixArt / Sana transformer; pc.find_sites(pipe.transformer) lists the sites"
+        "attention yet (Flux-style [text | image] and single-stream blocks: the next feature). Supported: UNet "
+        "pipelines (Stable Diffusion 1.x / 2.x / SDXL), SD3 / SD3.5 and PixArt / Sana transformers; "
+        "pc.find_sites(pipe.transformer) lists the sites"
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..pipeline_call import pipe_kwargs, seeded_generator
+from ..pipeline_call import pipeline_call_kwargs, seeded_generator
 from .jobs import Job, job_options
 from .ledger import StatusLog
 from .options import SweepOptions
@@ -35,7 +35,8 @@ class JobRunner:
         self.options = options
 
     def pipe_kwargs(self) -> dict[str, Any]:
-        return pipe_kwargs(self.options.steps, self.options.guidance, self.options.size)
+        """Steps, guidance, size and what the pipeline's ``__call__`` needs (see ``pipeline_call_kwargs``)."""
+        return pipeline_call_kwargs(self.pipe, self.options.steps, self.options.guidance, self.options.size)
 
     @staticmethod
     def generators(jobs: list[Job]):
