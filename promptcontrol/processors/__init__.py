@@ -67,7 +67,7 @@ JOINT = ProcessorKind(
 def _self_processor(session, site, controllers, record_calls):
     """Self-attention sites: SD3.5's dual-attention ``attn2`` runs the joint processor without text, so it gets
     promptcontrol's joint processor (same ops); every other self site gets the ``AttnProcessor2_0`` mirror."""
-    module = dict(session.denoiser.named_modules()).get(site.module_path)
+    module = session.denoiser.get_submodule(site.module_path)  # a path walk, not a scan of every module
     current = type(getattr(module, "processor", None)).__name__
     make = ControlledJointAttnProcessor if current in JOINT_NAMES else ControlledAttnProcessor
     return make(session, site, controllers, record_calls)
