@@ -46,7 +46,7 @@ def _self_sites(levels: Sequence[int]) -> Callable[[AttentionSite], bool]:
 
 
 def _processor_name(session: SessionView, site: AttentionSite) -> str:
-    module = dict(session.unet.named_modules()).get(site.module_path)
+    module = session.denoiser.get_submodule(site.module_path)  # a path walk, not a scan of every module
     return type(getattr(module, "processor", None)).__name__
 
 

@@ -27,9 +27,6 @@ class ProcessorKind:
     replaceable: frozenset[str] = frozenset()
     refuses: Callable[[Any], str | None] = lambda module: None  # why this module's ops cannot be mirrored, or None
 
-    def is_ours(self, processor: Any) -> bool:
-        return isinstance(processor, self.make) if isinstance(self.make, type) else False
-
 
 def _norm_across_heads(module: Any) -> str | None:
     """Sana 1.5 normalises q/k over the whole width before the head split; the AttnProcessor2_0 mirror normalises

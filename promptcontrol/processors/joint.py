@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from ..context import SessionView
 from ..controllers.base import Controller
-from ..plan import IDENTITY, AttentionPlan, AttentionTerm, attention_probs, run_plan, run_plan_on_probs, transformed_values
+from ..plan import IDENTITY, AttentionPlan, AttentionTerm, transformed_values
 from ..sites import AttentionSite
+from .attention import ControlledAttnProcessor
 
 JOINT_NORMS = ("joint", "text")
 
@@ -196,6 +197,7 @@ class ControlledJointAttnProcessor:
         self.site = site
         self.controllers = controllers
         self._record = record_calls if record_calls is not None else {id(c): c.record for c in controllers}
+        self._self_attention = ControlledAttnProcessor(session, site, controllers, self._record)  # for attn2
         self.text_first = site.text_keys == "before"
         self.image_site = image_view(site) if site.kind == "joint" else site
         # Controllers that act on the site seen as self-attention (self injection, PassThrough) plan its image →
@@ -224,23 +226,9 @@ class ControlledJointAttnProcessor:
 
     # ---- attention ---------------------------------------------------------------------------------------------
     def _attend_self(self, query, key, value):
-        """Plain self-attention over image tokens (SD3.5's ``attn2``) under the controllers' plan."""
-        ctx = self.session.context
-        if ctx is None or not self.controllers:
-            return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        plan, recorders = IDENTITY, []
-        for controller in self.controllers:
-            plan = controller.plan(self.site, ctx, plan)
-            if controller.wants_probs(self.site, ctx):
-                recorders.append(controller)
-        if not recorders:
-            if plan.is_identity:
-                return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-            return run_plan(plan, query, key, value, None)
-        probs = attention_probs(query, key, None)
-        for recorder in recorders:
-            self._record[id(recorder)](self.site, ctx, probs, plan)
-        return run_plan_on_probs(plan, probs, value)
+        """Plain self-attention over image tokens (SD3.5's ``attn2``) under the controllers' plan: the same call as
+        at any self site, so the ``AttnProcessor2_0`` mirror's attention (per-step plans, recorders) runs it."""
+        return self._self_attention._attend(query, key, value, None)
 
     def _stock_joint(self, parts):
         """The stock call: one SDPA over the concatenated sequence, split back into (image, text) outputs."""
