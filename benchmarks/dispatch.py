@@ -10,6 +10,9 @@ the timed region); the best of ``rounds`` rounds is kept per case. Reported per 
   controllers act at; a recorder installs on cross sites only);
 * ``inside attention``: the same difference timed inside each ``Attention.forward`` only (the processor and its
   ops; the rest of the UNet and the pipeline, which add their own noise, left out), best round's mean per call;
+* ``kernels / controlled call``: the tensor operations that launch work (not views, not no-op casts), counted
+  by a ``TorchDispatchMode`` over one denoising step, over stock's, per controlled call — free of the machine's
+  noise and of the CPU's compute; on a GPU each is one kernel launch (a few µs of host time in eager PyTorch);
 * the ratio of the case's time to stock (tiny model: the ratio of host work, not of a GPU step);
 * a **projection** of the share a GPU step would gain: ``µs / controlled call × controlled sites of the full model
   / published fp16 step time`` (SD 1.5: 16 cross + 16 self sites; SDXL: 70 + 70). Step times: fal-ai
@@ -69,6 +72,8 @@ class DispatchResult:
     projection_sdxl_pct: float | None
     inside_us: float  # mean time inside Attention.forward per call, best round
     inside_extra_us: float | None  # inside_us − stock's
+    kernels_per_call: float = 0.0  # working tensor ops per attention call (one denoising step)
+    extra_kernels_per_controlled_call: float | None = None  # (case − stock) per controlled call
 
 
 def cases() -> list[DispatchCase]:
@@ -132,6 +137,64 @@ class AttentionClock:
         return self.total / max(self.calls, 1) * 1e6
 
 
+class KernelCount:
+    """Counts the tensor operations that do work (a kernel launch on a GPU): every op but views and casts that
+    return their input; in-place ops count."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter.ops += counter.works(func, args, out)
+                return out
+
+        self.mode, self.ops = _Mode(), 0
+
+    @staticmethod
+    def works(func, args, out) -> int:
+        if func._schema.is_mutable:
+            return 1
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+        return int(bool(tensors) and any(o.untyped_storage().data_ptr() not in inputs for o in tensors))
+
+
+def _kernels_per_call(pipe, case: DispatchCase, clock: "AttentionClock") -> float:
+    """Working tensor ops per attention call over one denoising step of ``case`` (warm: its second step)."""
+    side = 8 * pipe.vae_scale_factor
+    call = dict(height=side, width=side, num_inference_steps=2, guidance_scale=case.guidance, output_type="latent")
+    counter = KernelCount()
+    state = {"step": 0}
+
+    def on_step(p, i, t, kwargs):
+        state["step"] += 1
+        return kwargs
+
+    original = clock.cls.forward
+
+    def counted(module, *args, **kwargs):
+        if state["step"] != 1:
+            return original(module, *args, **kwargs)
+        with counter.mode:
+            out = original(module, *args, **kwargs)
+        clock.calls += 1
+        return out
+
+    controllers = case.make()
+    clock.cls.forward, clock.calls = counted, 0
+    try:
+        with pc.control(pipe, *controllers) if controllers else contextlib.nullcontext(), torch.inference_mode():
+            pipe(case.prompts, generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step, **call)
+    finally:
+        clock.cls.forward = original
+    return counter.ops / max(clock.calls, 1)
+
+
 def _time_one(pipe, case: DispatchCase, forwards: int, device: str, clock_in: "AttentionClock | None" = None) -> float:
     side = 8 * pipe.vae_scale_factor  # an 8×8 latent
     call = dict(height=side, width=side, num_inference_steps=forwards, guidance_scale=case.guidance, output_type="latent")
@@ -159,6 +222,8 @@ def measure(forwards: int = 200, rounds: int = 11, device: str = "cpu", dtype=to
     all_cases = cases()
     all_sites = len(pipe.unet.attn_processors)
     controlled = [_controlled_sites(pipe, c.make()) for c in all_cases]
+    counter_clock = AttentionClock()
+    kernels = [_kernels_per_call(pipe, c, counter_clock) for c in all_cases]
     for case in all_cases:  # warm-up
         _time_one(pipe, case, 2, device)
     best = [float("inf")] * len(all_cases)
@@ -169,9 +234,9 @@ def measure(forwards: int = 200, rounds: int = 11, device: str = "cpu", dtype=to
                 best[i] = min(best[i], _time_one(pipe, case, forwards, device, attention_clock))
                 inside[i] = min(inside[i], attention_clock.per_call_us)
     results, stock = [], None
-    for case, t, n, t_in in zip(all_cases, best, controlled, inside):
+    for case, t, n, t_in, kern in zip(all_cases, best, controlled, inside, kernels):
         if not n:
-            stock, stock_in = t, t_in
+            stock, stock_in, stock_kern = t, t_in, kern
         extra_us = (t - stock) / forwards * 1e6  # per UNet call
         per_controlled = extra_us / n if n else None
         share = n / all_sites  # controlled share of sites, carried to the full model
@@ -183,6 +248,7 @@ def measure(forwards: int = 200, rounds: int = 11, device: str = "cpu", dtype=to
             case.name, t, stock, t / stock, extra_us / all_sites, per_controlled, n, all_sites,
             GOALS_US.get(case.goal) if case.goal else None, proj["sd15"], proj["sdxl"],
             t_in, None if not n else t_in - stock_in,
+            kern, None if not n else (kern - stock_kern) * all_sites / n,
         ))
     return results
 
@@ -192,24 +258,28 @@ def table(results: list[DispatchResult], title: str) -> str:
         f"**{title}**",
         "",
         "| case | µs / attention call | µs / controlled call (sites) | inside attention: µs / call over stock | goal "
-        "| ratio to stock (tiny) | projection: SD 1.5 step | projection: SDXL step |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| kernels / controlled call over stock | ratio to stock (tiny) | projection: SD 1.5 step | projection: SDXL step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if r.us_per_controlled_call is None:
-            lines.append(f"| {r.name} | — | — | {r.inside_us:.1f} µs a call | | 1.000 ({r.best_s:.3f} s a round) | | |")
+            lines.append(f"| {r.name} | — | — | {r.inside_us:.1f} µs a call | | {r.kernels_per_call:.1f} a call "
+                         f"| 1.000 ({r.best_s:.3f} s a round) | | |")
             continue
         goal = "" if r.goal_us is None else f"≤{r.goal_us:g}"
         lines.append(
             f"| {r.name} | {r.us_per_attention_call:+.1f} | {r.us_per_controlled_call:+.1f} ({r.controlled_sites}) | "
-            f"{r.inside_extra_us:+.1f} | {goal} | {r.ratio:.3f} | {r.projection_sd15_pct:+.1f} % | "
+            f"{r.inside_extra_us:+.1f} | {goal} | {r.extra_kernels_per_controlled_call:+.1f} | {r.ratio:.3f} | "
+            f"{r.projection_sd15_pct:+.1f} % | "
             f"{r.projection_sdxl_pct:+.1f} % |"
         )
     lines += [
         "",
         "µs / attention call: the pipeline's time over stock per forward / 14 attention calls; µs / controlled call: "
         "the same over the calls that run a promptcontrol processor; inside attention: time inside Attention.forward "
-        "per call (all 14) over stock's — the processor's own cost, without the rest of the pipeline's noise.",
+        "per call (all 14) over stock's — the processor's own cost, without the rest of the pipeline's noise; "
+        "kernels: the tensor ops that do work (not views or no-op casts) in one denoising step, over stock's, per "
+        "controlled call — each is a kernel launch on a GPU, and the one column here free of this machine's noise.",
         "",
         "Projection (not a GPU measurement): µs per controlled call × the full model's controlled sites (SD 1.5: 16 "
         "cross + 16 self; SDXL: 70 + 70, in this mode's controlled share) / the published fp16 step time — "

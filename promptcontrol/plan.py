@@ -117,15 +117,22 @@ class PreparedTerm:
 
 
 def prepare(plan: AttentionPlan, dtype: torch.dtype) -> tuple[PreparedTerm, ...]:
-    """The plan's terms for inputs of ``dtype`` (the same casts :func:`run_plan` makes at every call)."""
-    return tuple(
-        PreparedTerm(
-            qk_rows=t.qk_rows,
-            value_scale=None if t.value_scale is None else t.value_scale.to(dtype)[:, None, :, None],
-            value_map=None if t.value_map is None else t.value_map.to(dtype)[:, None],
-            logit_bias=None if t.logit_bias is None else t.logit_bias.to(dtype)[:, None, None, :],
-        )
-        for t in plan.terms
+    """The plan's terms for inputs of ``dtype`` (the same casts :func:`run_plan` makes at every call).
+
+    A term with both a per-token scale and a token mixing gets one matrix: ``M · diag(s) = M * s`` over its
+    columns (one kernel less at every site)."""
+    return tuple(_prepared_term(t, dtype) for t in plan.terms)
+
+
+def _prepared_term(t: AttentionTerm, dtype: torch.dtype) -> PreparedTerm:
+    scale, value_map = t.value_scale, t.value_map  # (B, K), (B, K_keys, K)
+    if scale is not None and value_map is not None:
+        scale, value_map = None, value_map * scale[:, None, :]
+    return PreparedTerm(
+        qk_rows=t.qk_rows,
+        value_scale=None if scale is None else scale.to(dtype)[:, None, :, None],
+        value_map=None if value_map is None else value_map.to(dtype)[:, None],
+        logit_bias=None if t.logit_bias is None else t.logit_bias.to(dtype)[:, None, None, :],
     )
 
 

@@ -269,3 +269,21 @@ def test_every_controller_lives_in_the_controllers_package():
         obj = getattr(controllers, name)
         if isinstance(obj, type) and issubclass(obj, controllers.Controller):
             assert obj.__module__.startswith("promptcontrol.controllers."), (name, obj.__module__)
+
+
+def test_a_swap_of_equal_token_counts_runs_no_token_mixing():
+    """Replace with an identity token map and all-one weights: the fused term keeps only the source rows (no value
+    map, no scale: no extra kernel per site); a map that spreads a word keeps its matrix."""
+    from promptcontrol.controllers.replace import edit_plan
+
+    size = 5
+    eye, ones = torch.eye(size), torch.ones(size)
+    plan = edit_plan(2, [(1, 0, eye, ones)], size)
+    (term,) = plan.terms
+    assert term.qk_rows.tolist() == [0, 0] and term.value_map is None and term.value_scale is None
+    spread = eye.clone()
+    spread[2, 2], spread[2, 3] = 0.5, 0.5
+    (term,) = edit_plan(2, [(1, 0, spread, ones)], size).terms
+    assert term.value_map is not None and torch.equal(term.value_map[1], spread)
+    half = edit_plan(2, [(1, 0, eye, torch.full((size,), 0.5))], size)
+    assert len(half.terms) == 2 and half.terms[0].value_scale is not None

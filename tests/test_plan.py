@@ -79,3 +79,20 @@ def test_boolean_mask_is_honoured():
     out = run_plan(AttentionPlan().biased(torch.zeros(B, K)), q, k, v, keep)
     expected = reference_probs(q[..., :, :], k[:, :, 1:]) @ v[:, :, 1:]
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_prepared_terms_fold_scale_into_the_token_map_and_give_the_reference():
+    """run_prepared (what the processors run) = the explicit reference of the scaled, mixed term; a term with
+    both a scale and a map is prepared as one matrix (one kernel less per site)."""
+    from promptcontrol.plan import prepare, run_prepared
+
+    q, k, v = qkv(4)
+    rows = torch.tensor([0, 0, 1])
+    m, alpha = torch.rand(B, K, K), torch.rand(B, K)
+    plan = AttentionPlan((AttentionTerm(qk_rows=rows, value_scale=alpha, value_map=m),))
+    terms = prepare(plan, torch.float32)
+    assert terms[0].value_scale is None and terms[0].value_map is not None
+    out = run_prepared(terms, q, k, v, None)
+    p = reference_probs(q, k)
+    for b in range(B):
+        assert torch.allclose(out[b], p[rows[b]] @ (m[b] @ (alpha[b][:, None] * v[b])), atol=1e-5)

@@ -64,9 +64,14 @@ def edit_plan(
         if not bool((weight != 0).any()):
             second_scale[row] = 1.0
             first_scale[row] = 0.0
+    # host tensors: checked without a device read. An identity token map (a swap of words of equal token counts)
+    # and all-one scales are left out, so the site runs no kernel for them.
+    identity_map = bool((value_map == torch.eye(size)).all())
+    all_ones = bool((first_scale == 1).all())
     first = AttentionTerm(  # built on the host, moved without a blocking copy
-        qk_rows=on_device(qk_rows, device), value_scale=on_device(first_scale, device),
-        value_map=on_device(value_map, device),
+        qk_rows=on_device(qk_rows, device),
+        value_scale=None if all_ones else on_device(first_scale, device),
+        value_map=None if identity_map else on_device(value_map, device),
     )
     if not bool((second_scale != 0).any()):  # host tensors: no device read
         return AttentionPlan((first,))

@@ -249,6 +249,8 @@ class AttentionStore(Controller):
         self._recording = False
         self._rows: tuple[int, ...] = ()
         self._row_index: dict[torch.device, torch.Tensor] = {}
+        self._cond_rows: slice | None = None  # the conditional rows as a slice, when they are contiguous
+        self._ones_cache: dict[tuple, torch.Tensor] = {}
         self._level_acc: dict[int, list] = {}  # level → [sum (N, Q, K) of head means, sites, grid] this step
         self._pending: list[tuple[str, str, torch.Tensor]] = []  # ("step" | "head", key, map) to move to the CPU
         self._in_flight = False  # non-blocking device → host copies not waited for yet
@@ -293,6 +295,7 @@ class AttentionStore(Controller):
         self._current = None
         self._recording = False
         self._row_index = {}
+        self._ones_cache = {}
 
     # ---- step bookkeeping --------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
@@ -305,6 +308,8 @@ class AttentionStore(Controller):
         # conditional rows ordered by output image
         self._rows = tuple(r for _, r in sorted((layout.image_of_row[r], r) for r in layout.cond_rows))
         self._row_index = {}
+        contiguous = bool(self._rows) and self._rows == tuple(range(self._rows[0], self._rows[-1] + 1))
+        self._cond_rows = slice(self._rows[0], self._rows[-1] + 1) if contiguous else None
         self._pending.clear()  # nothing left over from a step that raised (cleared, not replaced: a compiled
         self._level_acc.clear()  # UNet's graph keeps writing into the same containers)
         self._seen.clear()
@@ -406,9 +411,8 @@ class AttentionStore(Controller):
 
     def _cond(self, probs: torch.Tensor) -> torch.Tensor:
         """The conditional rows of ``probs`` (B, ...), ordered by image."""
-        first, last = self._rows[0], self._rows[-1]
-        if self._rows == tuple(range(first, last + 1)):  # contiguous (every diffusers layout): a view, no copy
-            return probs[first : last + 1]
+        if self._cond_rows is not None:  # contiguous (every diffusers layout): a view, no copy
+            return probs[self._cond_rows]
         index = self._row_index.get(probs.device)
         if index is None:
             index = self._row_index[probs.device] = torch.tensor(self._rows, device=probs.device)
@@ -428,15 +432,31 @@ class AttentionStore(Controller):
         cond = self._cond(probs)  # (N, heads, Q, K)
         heads, q, k = cond.shape[1:]
         self._seen[site.key] = (heads, q, k, site.level)
+        total = run.sums.get(site.key)
+        keep_maps = self.per_head or self.per_step is not None
+        if total is not None and not keep_maps and self.device is None:
+            # the sum over heads and the running sum in one kernel: (N, 1, Q·K) += (N, 1, heads) @ (N, heads, Q·K)
+            n = cond.shape[0]
+            total.view(n, 1, q * k).baddbmm_(self._ones(n, heads, cond), cond.reshape(n, heads, q * k))
+            return
         summed = cond.sum(dim=1)  # (N, Q, K)
         target = summed if self.device is None else summed.to(self.device)
-        total = run.sums.get(site.key)
         if total is None:
             run.sums[site.key] = target
         else:
             total += target
-        if self.per_head or self.per_step is not None:
+        if keep_maps:
             self._keep_maps(site, ctx, cond, summed, heads, q)
+
+    def _ones(self, n: int, heads: int, like: torch.Tensor) -> torch.Tensor:
+        """A (n, 1, heads) tensor of ones like ``like`` (kept per shape, device and dtype outside torch.compile)."""
+        if torch.compiler.is_compiling():
+            return like.new_ones(n, 1, heads)
+        key = (n, heads, like.device, like.dtype)
+        ones = self._ones_cache.get(key)
+        if ones is None:
+            ones = self._ones_cache[key] = like.new_ones(n, 1, heads)
+        return ones
 
     def _keep_maps(self, site, ctx, cond, summed, heads: int, q: int) -> None:
         """Per-head and per-step maps of this call (moved to the CPU at ``end_step``, without waiting)."""
