@@ -5,7 +5,8 @@ the command line) start without loading torch or diffusers until a name is asked
 
 - **The user's face** — the jobs and the controllers a user composes: ``load_pipeline``, ``trace``, ``control``,
   ``generate``, ``edit``, ``invert``, ``parse_prompt``, ``load_maps``; ``AttentionStore``, ``Reweight``, ``Replace``,
-  ``Refine``, ``LocalBlend``, ``InjectSelf``; the results ``HeatMap``, ``HeatMaps``, ``Trace``, ``EditResult``,
+  ``Refine``, ``LocalBlend``, ``InjectSelf``, ``ConceptAttention``; the results ``HeatMap``, ``HeatMaps``,
+  ``ConceptMaps``, ``Trace``, ``EditResult``,
   ``Inversion``, ``ParsedPrompt``, ``WeightedWord``; ``PromptControlError`` (the base of promptcontrol's own errors);
   ``testing`` (tiny offline pipelines).
 - **The extension API** — for writing controllers and supporting backbones: ``Controller``, ``PassThrough``,
@@ -40,6 +41,8 @@ USER_FACE = {  # name -> the module that defines it
     "Refine": "controllers",
     "LocalBlend": "controllers",
     "InjectSelf": "controllers",
+    "ConceptAttention": "controllers",
+    "ConceptMaps": "controllers",
     "HeatMap": "heatmap",
     "HeatMaps": "heatmap",
     "PromptControlError": "errors",

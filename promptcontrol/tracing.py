@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .controllers.base import Controller
+from .controllers.concept import ConceptAttention, ConceptMaps
 from .controllers.store import AttentionStore
 from .heatmap import HeatMaps, build_heatmaps
 from .recording import fold_place_level, old_step_tuple
@@ -32,9 +33,13 @@ class Trace:
     session:  the underlying :class:`~promptcontrol.session.Session` (``None`` outside the block)
     """
 
-    def __init__(self, target: Any, store: AttentionStore, extra: tuple[Controller, ...], cfg, tokenizer):
+    def __init__(
+        self, target: Any, store: AttentionStore, extra: tuple[Controller, ...], cfg, tokenizer,
+        concepts: ConceptAttention | None = None,
+    ):
         self.target = target
         self.store = store
+        self.concepts = concepts  # the ConceptAttention controller when pc.trace got concepts=
         self._extra = extra
         self._cfg = cfg
         self._tokenizer = tokenizer
@@ -45,7 +50,8 @@ class Trace:
         if self._used:
             raise RuntimeError("this trace was already used; call pc.trace(pipe) again (the recordings stay in .store)")
         self._used = True
-        session = control(self.target, self.store, *self._extra, cfg=self._cfg, tokenizer=self._tokenizer)
+        last = (self.concepts,) if self.concepts is not None else ()  # last: it appends to the inputs after all others
+        session = control(self.target, self.store, *self._extra, *last, cfg=self._cfg, tokenizer=self._tokenizer)
         session.__enter__()
         self.session = session
         return self
@@ -73,12 +79,29 @@ class Trace:
         """
         return build_heatmaps(self.store.recording(image_index), **options)
 
+    def concept_maps(self, image_index: int = 0, **options) -> ConceptMaps:
+        """Output-space :class:`ConceptMaps` (ConceptAttention) of recorded image ``image_index``, one map per
+        concept given to ``pc.trace(pipe, concepts=[...])`` (SD3 / SD3.5; see docs/transformers.md, "Concept maps").
+
+        Options: ``sites`` (a subset of the recorded joint sites, :func:`promptcontrol.schedule.site_filter`),
+        ``concepts`` (a subset of the traced concepts), ``size``, ``interpolation`` (``"bicubic"`` default or
+        ``"bilinear"``), ``normalize`` (``None`` default: the maps as computed; ``"word"`` or ``"global"``).
+        """
+        if self.concepts is None:
+            raise ValueError(
+                "this trace recorded no concepts: trace with pc.trace(pipe, concepts=['circle', 'background']) "
+                "(concept tokens must ride through the blocks while the image is made)"
+            )
+        return self.concepts.maps(image_index, **options)
+
     def __repr__(self) -> str:
         state = "recording" if self.session is not None else "closed"
         return f"Trace({state}, images={self.store.num_images})"
 
 
-def trace(target: Any, *controllers: Controller, cfg: bool | None = None, tokenizer=None, **options) -> Trace:
+def trace(
+    target: Any, *controllers: Controller, cfg: bool | None = None, tokenizer=None, concepts: Any = None, **options
+) -> Trace:
     """Record the cross-attention of ``target`` (a pipeline or UNet) inside a ``with`` block.
 
     ``options`` go to :class:`AttentionStore`: ``steps``, ``sites`` (the specs of
@@ -86,6 +109,10 @@ def trace(target: Any, *controllers: Controller, cfg: bool | None = None, tokeni
     ``max_side``, ``device``; ``places`` / ``levels`` are the old spelling of ``sites={...}`` (for one release,
     with a ``DeprecationWarning``). Other ``controllers`` (e.g. ``pc.Reweight``) may run in the same session; the
     store records each row's own attention before they change it.
+
+    ``concepts``: a list of concept texts (or a :class:`~promptcontrol.controllers.concept.ConceptAttention` for
+    its ``sites`` / ``steps`` / ``softmax`` options) whose output-space maps ``tr.concept_maps()`` gives afterwards
+    (SD3 / SD3.5 only; the image is unchanged).
     """
     unknown = sorted(set(options) - set(_STORE_OPTIONS))
     if unknown:
@@ -93,4 +120,6 @@ def trace(target: Any, *controllers: Controller, cfg: bool | None = None, tokeni
     places, levels = options.pop("places", None), options.pop("levels", None)
     options["sites"] = fold_place_level(options.get("sites"), places, levels, "pc.trace", stacklevel=2)
     options["steps"] = old_step_tuple(options.get("steps"), stacklevel=2)
-    return Trace(target, AttentionStore(**options), controllers, cfg, tokenizer)
+    if concepts is not None and not isinstance(concepts, ConceptAttention):
+        concepts = ConceptAttention(concepts)
+    return Trace(target, AttentionStore(**options), controllers, cfg, tokenizer, concepts)

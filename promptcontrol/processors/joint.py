@@ -23,6 +23,13 @@ matrix: image × text logits and an exact joint normaliser (log-sum-exp over the
 O(Q_img × K_txt)). A recorder's ``joint_norm`` attribute chooses ``"joint"`` (the mass each pixel gives a word
 inside the joint softmax; the default) or ``"text"`` (renormalised over the text keys).
 
+Concept tokens (:class:`~promptcontrol.controllers.concept.ConceptAttention`, a controller with
+``carries_concepts``): when it appended ``C`` tokens to the text stream at this step (``concept_tokens(ctx)``),
+the last ``C`` text tokens are split off before anything else sees the text: the prompt's image and text queries
+run exactly the path above over ``[image | prompt]`` (so the image is unchanged and plans / recorders see the
+prompt only), the concept queries attend to ``[image | concepts]``, and the controller gets the image and concept
+outputs (before ``to_out`` / ``to_add_out``). Without such a controller none of this runs.
+
 SD3.5's dual-attention ``attn2`` has no text: there this processor is plain self-attention over the image tokens
 (as the stock processor is) and runs plans like :class:`~promptcontrol.processors.attention.ControlledAttnProcessor`.
 """
@@ -144,6 +151,19 @@ def joint_term(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0, scale=d**-0.5)
 
 
+def concept_attention(
+    q_c: torch.Tensor,  # (B, heads, C, d): concept queries
+    k_img: torch.Tensor,  # (B, heads, N_img, d)
+    v_img: torch.Tensor,  # (B, heads, N_img, d)
+    k_c: torch.Tensor,  # (B, heads, C, d)
+    v_c: torch.Tensor,  # (B, heads, C, d)
+) -> torch.Tensor:  # (B, heads, C, d)
+    """Concept tokens' attention (ConceptAttention): to the image tokens and to themselves, never to the prompt."""
+    keys = torch.cat([k_img, k_c], dim=2)
+    values = torch.cat([v_img, v_c], dim=2)
+    return F.scaled_dot_product_attention(q_c, keys, values, dropout_p=0.0, is_causal=False)
+
+
 def image_rows_of(plan: AttentionPlan) -> torch.Tensor | None:
     """The rows whose image → image logits each row uses, from the image-side plan (self injection)."""
     if plan.is_identity:
@@ -206,6 +226,8 @@ class ControlledJointAttnProcessor:
         self.image_controllers = [c for c in controllers if joint and c.applies_to(self.image_site)]
         image_ids = {id(c) for c in self.image_controllers}
         self.text_controllers = [c for c in controllers if id(c) not in image_ids]
+        # Concept controllers (ConceptAttention) append tokens to the text stream; only they get the concept path.
+        self.concept_carriers = [c for c in controllers if joint and getattr(c, "carries_concepts", False)]
 
     # ---- projections (the stock ops, plain or fused) ----------------------------------------------------------
     @staticmethod
@@ -259,8 +281,34 @@ class ControlledJointAttnProcessor:
             self._record[id(recorder)](self.site, ctx, probs, plan)
 
     def _attend_joint(self, parts):
-        """(image output, text output), each (B, heads, tokens, d), under the controllers' plans."""
+        """(image output, text output), each (B, heads, tokens, d), under the controllers' plans; with concept
+        tokens at the end of the text stream when a concept controller appended them at this step."""
         ctx = self.session.context
+        if self.concept_carriers:
+            count = max(c.concept_tokens(ctx) for c in self.concept_carriers)
+            if count:
+                return self._attend_with_concepts(parts, count, ctx)
+        return self._attend_prompt(parts, ctx)
+
+    def _attend_with_concepts(self, parts, count: int, ctx):
+        """The prompt's attention without the last ``count`` text tokens (the concepts: no image or text query
+        sees them), and the concept queries' attention over ``[image | concepts]`` keys, handed to the concept
+        controllers; the text output gets the concept outputs back at its end."""
+        q_img, k_img, v_img, q_txt, k_txt, v_txt = parts
+        n = int(q_txt.shape[2]) - count
+        if n <= 0:
+            raise ValueError(f"{self.site.module_path}: {count} concept tokens but only {q_txt.shape[2]} text tokens")
+        prompt = (q_img, k_img, v_img, q_txt[:, :, :n], k_txt[:, :, :n], v_txt[:, :, :n])
+        out_img, out_txt = self._attend_prompt(prompt, ctx)
+        out_concepts = concept_attention(q_txt[:, :, n:], k_img, v_img, k_txt[:, :, n:], v_txt[:, :, n:])
+        for carrier in self.concept_carriers:
+            if carrier.wants_concepts(self.site, ctx):
+                carrier.record_concepts(self.site, ctx, out_img, out_concepts)
+        return out_img, torch.cat([out_txt, out_concepts], dim=2)
+
+    def _attend_prompt(self, parts, ctx):
+        """(image output, text output) of the prompt's tokens under the controllers' plans (the stock call when
+        nothing changes)."""
         if ctx is None or not self.controllers:
             return self._stock_joint(parts)
         plan = IDENTITY
