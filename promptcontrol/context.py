@@ -110,6 +110,8 @@ class StepContext:
     layout:    which row is which (see :class:`BatchLayout`)
     run:       the captured pipeline-call info, when there is one
     run_id:    counts the pipeline runs of the session (1 for the first); changes exactly when a new run starts
+    text_length: tokens of the text input of this call (``encoder_hidden_states.shape[1]``), or ``None``; Flux's
+               single-stream attention learns from it where the text ends in its ``[text | image]`` sequence
 
     Nothing in the step path reads ``timestep`` (on CUDA, ``float`` of a device tensor waits for the GPU): the
     store keeps ``raw_timestep`` and converts when the recording is read; ``InversionGuidance`` reads it (it
@@ -123,6 +125,7 @@ class StepContext:
     run: RunInfo | None = field(default=None, compare=False)
     run_id: int = 0
     raw_timestep: Any = field(default=None, compare=False, repr=False)
+    text_length: int | None = field(default=None, compare=False)
 
     def __init__(
         self,
@@ -133,9 +136,10 @@ class StepContext:
         layout: BatchLayout,
         run: RunInfo | None = None,
         run_id: int = 0,
+        text_length: int | None = None,
     ):
         for name, value in (("index", index), ("total", total), ("latent_hw", latent_hw), ("layout", layout),
-                            ("run", run), ("run_id", run_id), ("raw_timestep", timestep)):
+                            ("run", run), ("run_id", run_id), ("raw_timestep", timestep), ("text_length", text_length)):
             object.__setattr__(self, name, value)
 
     @property

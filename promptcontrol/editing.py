@@ -23,6 +23,7 @@ from .images import as_pil
 from .inversion import Inversion
 from .schedule import ScheduleLike, WindowLike, window
 from .session import control
+from .tokens import word_tokenizer
 
 
 @dataclass
@@ -199,13 +200,27 @@ def starting_noise(pipe, count: int, seed: int | None, pipe_kwargs: dict) -> tor
     per_prompt = int(pipe_kwargs.get("num_images_per_prompt") or 1)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer  # the denoiser: UNet or transformer
     factor = getattr(pipe, "vae_scale_factor", 8)
-    height = pipe_kwargs.get("height") or denoiser.config.sample_size * factor
-    width = pipe_kwargs.get("width") or denoiser.config.sample_size * factor
-    shape = (per_prompt, denoiser.config.in_channels, int(height) // factor, int(width) // factor)
     generator = None if seed is None else torch.Generator("cpu").manual_seed(int(seed))
-    base = torch.randn(shape, generator=generator, dtype=torch.float32)
     device = getattr(pipe, "_execution_device", None) or denoiser.device
-    return base.repeat(count, 1, 1, 1).to(device=device, dtype=denoiser.dtype)
+    if hasattr(denoiser, "single_transformer_blocks") and hasattr(pipe, "_pack_latents"):
+        base = _packed_flux_noise(pipe, denoiser, per_prompt, factor, generator, pipe_kwargs)  # (n, tokens, 4c)
+    else:
+        height = pipe_kwargs.get("height") or denoiser.config.sample_size * factor
+        width = pipe_kwargs.get("width") or denoiser.config.sample_size * factor
+        shape = (per_prompt, denoiser.config.in_channels, int(height) // factor, int(width) // factor)
+        base = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return base.repeat(count, *([1] * (base.ndim - 1))).to(device=device, dtype=denoiser.dtype)
+
+
+def _packed_flux_noise(pipe, denoiser, count: int, factor: int, generator, pipe_kwargs: dict) -> torch.Tensor:
+    """Flux's starting noise as its pipeline draws it: (count, C/4, h, w) on a grid of 2×2 patches, packed to
+    (count, h/2 · w/2, C) tokens."""
+    channels = int(denoiser.config.in_channels) // 4
+    size = getattr(pipe, "default_sample_size", 128) * factor
+    height, width = int(pipe_kwargs.get("height") or size), int(pipe_kwargs.get("width") or size)
+    h, w = 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
+    noise = torch.randn((count, channels, h, w), generator=generator, dtype=torch.float32)
+    return pipe._pack_latents(noise, count, channels, h, w)
 
 
 def edit(
@@ -247,12 +262,12 @@ def edit(
         if reserved in pipe_kwargs:
             raise TypeError(f"pc.edit builds the prompt batch itself; do not pass {reserved}=")
     prompts = [source, *edits]
-    _warn_unseen_edits(getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None), source, edits)
+    _warn_unseen_edits(word_tokenizer(pipe) or getattr(pipe, "tokenizer_2", None), source, edits)
     controllers: list[Any] = [AutoEdit(cross_steps, mode=mode)]
     if not window(self_steps, "self_steps").is_empty:
         controllers.append(InjectSelf(self_steps, levels=self_levels))
     if reweight is not None:
-        controllers.append(_reweight_controller(reweight, edits, getattr(pipe, "tokenizer", None)))
+        controllers.append(_reweight_controller(reweight, edits, word_tokenizer(pipe)))
     if blend is not None:
         controllers.append(blend if isinstance(blend, LocalBlend) else LocalBlend(blend, blend_threshold))
     if inverted is not None:

@@ -26,6 +26,7 @@ from .controllers.prompt_schedule import PromptSchedule
 from .controllers.reweight import MODES, Reweight
 from .prompt_syntax import ParsedPrompt, parse_prompt
 from .session import control
+from .tokens import word_tokenizer
 
 
 def _default_steps(pipe) -> int:
@@ -83,6 +84,11 @@ def _encode(pipe, texts: list[str], clip_skip: Any) -> tuple[torch.Tensor, torch
     """Conditional text features ``(N, K, D)`` of ``texts`` by the pipeline's own ``encode_prompt``, and SDXL's
     pooled embeddings ``(N, P)`` (``None`` for pipelines without them)."""
     device = getattr(pipe, "_execution_device", None) or pipe.device
+    if "do_classifier_free_guidance" not in inspect.signature(pipe.encode_prompt).parameters:
+        raise NotImplementedError(
+            f"prompt editing ([from:to:when]) is not supported on {type(pipe).__name__} yet (its pooled text vector "
+            "would keep the first prompt); per-word weights work: drop the [from:to:when] part"
+        )
     kwargs = dict(prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     if clip_skip is not None:
         kwargs["clip_skip"] = clip_skip
@@ -130,7 +136,7 @@ def generate(
             raise ValueError(f"generate parses prompt text; call the pipeline directly to pass {taken}")
     prompts = _prompts(prompt, "prompt")
     parsed: list[ParsedPrompt] = [parse_prompt(p, compel=compel) for p in prompts]
-    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    tokenizer = word_tokenizer(pipe) or getattr(pipe, "tokenizer_2", None)  # T5's on Flux: its text keys
     if tokenizer is None:
         raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
     if seed is not None and pipe_kwargs.get("generator") is None:

@@ -164,11 +164,11 @@ class Recording:
         return int(next(iter(self.sums.values())).shape[-1])
 
     def _text_length(self) -> int | None:
-        """The text's sequence length when every recorded site is cross-attention (its keys are the text tokens:
-        a pipeline's ``max_sequence_length`` on PixArt / Sana, 77 on CLIP UNets); ``None`` (the tokenizer's
+        """The text's sequence length when every recorded site's text keys are one tokenizer's tokens (cross-attention,
+        Flux's joint attention: a pipeline's ``max_sequence_length`` on PixArt / Sana / Flux, 77 on CLIP UNets); ``None`` (the tokenizer's
         ``model_max_length``) otherwise."""
-        if self.sums and all(site.kind == "cross" for site in self.sites):
-            return self.num_tokens
+        if self.sums and all(site.kind == "cross" or site.text_keys == "before" for site in self.sites):
+            return self.num_tokens  # cross-attention, or Flux's joint attention (its keys: the T5 tokens alone)
         return None
 
     def prompt_tokens(self, prompt: str | None = None, tokenizer: Any = None, stacklevel: int = 2) -> PromptTokens:

@@ -14,14 +14,22 @@ Step tracking: a forward pre-hook on the UNet builds a :class:`~promptcontrol.co
 UNet call (one per denoising step, never counted per attention layer). A new pipeline run is noticed when the
 pipeline calls ``encode_prompt`` (which also tells the prompts, ``num_images_per_prompt`` and whether guidance
 is on) or ``scheduler.set_timesteps``; the step index then starts again at 0.
+
+Pipelines that run guidance as a second denoiser call (FluxPipeline's true CFG: ``negative_prompt`` with
+``true_cfg_scale > 1``) say so themselves: they encode the negative prompt by a second ``encode_prompt`` call
+(whose ``encode_prompt`` has no ``negative_prompt`` parameter) and wrap the second call in
+``transformer.cache_context("uncond")``. That call is the same step, its rows the negative prompt's: the
+controllers do not see it (stock attention, no step counted), as on a UNet they leave the unconditional half alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -30,6 +38,7 @@ from .context import RunInfo, StepContext, batch_layout, batch_mismatch, timeste
 from .controllers.base import Controller, bound_session, check_controller, claim, recorder_call, release
 from .processors import OURS, kind_for, unserved, unserved_model
 from .sites import AttentionSite, attention_modules, find_sites, is_denoiser
+from .tokens import word_tokenizer
 from .errors import PromptControlError
 
 _ACTIVE_FLAG = "_promptcontrol_session_active"
@@ -104,7 +113,7 @@ class Session:
                 "UNet (Stable Diffusion 1.x / 2.x / SDXL)"
             )
         self._forward = inspect.signature(self.denoiser.forward)  # binds the hook's (args, kwargs) to names
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(self.pipe, "tokenizer", None)
+        self.tokenizer = tokenizer if tokenizer is not None else word_tokenizer(self.pipe)
         self._cfg_forced = cfg
         self.context: StepContext | None = None
         self.run: RunInfo | None = None
@@ -113,6 +122,10 @@ class Session:
         self._step = -1
         self._run_id = 0
         self._total: int | None = None
+        self._call_name: str | None = None  # the pipeline's cache_context name of the current denoiser call
+        self._last_call_name: str | None = None
+        self._cond_context: StepContext | None = None  # kept across a second ("uncond") call of the same step
+        self._grid_ids: tuple[Any, tuple[int, int]] | None = None  # (weakref to img_ids, latent (h, w))
         self._undo: list[tuple[str, Callable[[], None]]] = []  # (what it restores, how), in install order
         self._active = False
         self._entered = False
@@ -218,6 +231,8 @@ class Session:
                 self._wrap(scheduler, "set_timesteps", self._wrapped_set_timesteps)
             if scheduler is not None and any(c.uses_latents for c in self.controllers):
                 self._wrap(scheduler, "step", self._wrapped_scheduler_step)
+            if callable(getattr(self.denoiser, "cache_context", None)):
+                self._wrap(self.denoiser, "cache_context", self._wrapped_cache_context)
         elif any(c.uses_latents for c in self.controllers):
             raise ValueError(
                 "a controller that changes latents between steps (e.g. pc.LocalBlend) needs a pipeline, "
@@ -304,6 +319,11 @@ class Session:
                 bound = kwargs
             if bound.get("complex_human_instruction"):
                 raise ValueError(_INSTRUCTION_REFUSAL)
+            if self._pending_run is not None and self._new_run and "negative_prompt" not in signature.parameters:
+                # a second encode before any denoiser call: the negative prompt (FluxPipeline's true CFG)
+                negative = _as_list(bound.get("prompt"))
+                self._pending_run = dataclasses.replace(self._pending_run, negative_prompts=negative)
+                return original(*args, **kwargs)
             cfg = bound.get("do_classifier_free_guidance")
             if cfg is None:
                 cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
@@ -319,7 +339,20 @@ class Session:
 
         return encode_prompt
 
+    def _wrapped_cache_context(self, original):
+        @contextlib.contextmanager
+        def cache_context(name, *args, **kwargs):
+            previous, self._call_name = self._call_name, name
+            try:
+                with original(name, *args, **kwargs):
+                    yield
+            finally:
+                self._call_name = previous
+
+        return cache_context
+
     def _wrapped_set_timesteps(self, original):
+        @functools.wraps(original)  # keeps its signature: FluxPipeline's retrieve_timesteps looks for `sigmas`
         def set_timesteps(*args, **kwargs):
             self._new_run = True
             return original(*args, **kwargs)
@@ -356,11 +389,35 @@ class Session:
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         return len(timesteps) if timesteps is not None else None
 
+    def _latent_hw(self, sample: torch.Tensor, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The latent's (h, w): the sample's last two sizes, or for Flux's packed token sequence (B, N, C) the
+        VAE latent 2 × the token grid that ``img_ids`` spells (rows, cols); read once per ``img_ids`` tensor (the
+        pipeline's, the same every step of a run: one host read per run on a GPU)."""
+        ids = inputs.get("img_ids")
+        if sample.ndim != 3 or not isinstance(ids, torch.Tensor):
+            return int(sample.shape[-2]), int(sample.shape[-1])
+        if self._grid_ids is not None and self._grid_ids[0]() is ids:
+            return self._grid_ids[1]
+        flat = ids[0] if ids.ndim == 3 else ids  # (N, 3): (0, row, col)
+        hw = (2 * (int(flat[:, 1].max()) + 1), 2 * (int(flat[:, 2].max()) + 1))
+        self._grid_ids = (weakref.ref(ids), hw)
+        return hw
+
+    def _second_pass(self) -> bool:
+        """Whether this denoiser call is the pipeline's second ("uncond") call of the step just run."""
+        previous, self._last_call_name = self._last_call_name, self._call_name
+        return self._call_name == "uncond" and previous == "cond" and not self._new_run
+
     def _before_unet(self, module, args, kwargs):
+        self._cond_context = None  # none left over from a second call that raised
+        if self._second_pass():
+            self._cond_context, self.context = self.context, None  # stock attention for the negative prompt
+            return None
         bound = self._forward.bind_partial(*args, **kwargs)
         inputs = bound.arguments  # parameter name -> value, as the denoiser's forward names them
         sample = next(iter(inputs.values()))  # the latents: `sample` (UNet) or `hidden_states` (transformers)
         timestep = inputs.get("timestep")
+        text = inputs.get("encoder_hidden_states")
         if self._new_run:
             self._new_run = False
             self._step = 0
@@ -378,12 +435,12 @@ class Session:
             index=self._step,
             timestep=timestep,
             total=self._total,
-            latent_hw=(int(sample.shape[-2]), int(sample.shape[-1])),
+            latent_hw=self._latent_hw(sample, inputs),
             layout=batch_layout(int(sample.shape[0]), run),
             run=run,
             run_id=self._run_id,
+            text_length=int(text.shape[1]) if isinstance(text, torch.Tensor) and text.ndim == 3 else None,
         )
-        text = inputs.get("encoder_hidden_states")
         if isinstance(text, torch.Tensor) and text.ndim == 3 and int(text.shape[0]) != int(sample.shape[0]):
             raise ValueError(batch_mismatch(self.context, int(text.shape[0])))
         for controller in self.controllers:
@@ -404,6 +461,9 @@ class Session:
         return changed.args, changed.kwargs
 
     def _after_unet(self, module, args, output):
+        if self._cond_context is not None:  # the second call of a step: its controllers already closed it
+            self.context, self._cond_context = self._cond_context, None
+            return None
         if self.context is not None:
             for controller in self.controllers:
                 controller.end_step(self.context)

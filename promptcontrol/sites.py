@@ -107,8 +107,9 @@ def _levels(unet: torch.nn.Module) -> tuple[list[int], int, list[int]]:
 
 
 def is_denoiser(model: torch.nn.Module) -> bool:
-    """Whether ``model`` has the block structure of a diffusers UNet or diffusion transformer."""
-    return hasattr(model, "down_blocks") or hasattr(model, "transformer_blocks")
+    """Whether ``model`` has the block structure of a diffusers UNet or diffusion transformer (Flux 3 has only
+    ``single_transformer_blocks`` beside its own text blocks: found, so that its processor is refused by name)."""
+    return any(hasattr(model, name) for name in ("down_blocks", "transformer_blocks", "single_transformer_blocks"))
 
 
 def find_sites(model: torch.nn.Module) -> list[AttentionSite]:

@@ -161,3 +161,14 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> PromptTok
     if len(ids) > max_length:  # what truncation gives: the first tokens, then the end tokens
         ids = ids[: max_length - end_count] + ids[len(ids) - end_count :]
     return PromptTokens(prompt, tuple(ids), tuple(words), tuple(truncated), max_length, start_count, end_count)
+
+
+def word_tokenizer(pipe):
+    """The tokenizer whose tokens a pipeline's denoiser attends to as text keys: ``tokenizer_2`` (T5) on Flux
+    pipelines (a transformer with single-stream blocks; their CLIP ``tokenizer`` gives only the pooled vector),
+    ``tokenizer`` elsewhere; ``None`` without a pipeline."""
+    denoiser = getattr(pipe, "transformer", None)
+    denoiser = getattr(denoiser, "_orig_mod", denoiser)
+    if hasattr(denoiser, "single_transformer_blocks") and getattr(pipe, "tokenizer_2", None) is not None:
+        return pipe.tokenizer_2
+    return getattr(pipe, "tokenizer", None)

@@ -215,16 +215,6 @@ def _flux():
     )
 
 
-def test_control_on_an_unserved_transformer_is_refused_clearly_and_installs_nothing():
-    model = _flux()  # Flux's joint attention has no processor yet (SD3's has)
-    before = _processors(model)
-    with pytest.raises(NotImplementedError, match=r"no processor for its joint attention yet.*UNet pipeline"):
-        with pc.control(model, pc.AttentionStore()):
-            pass
-    assert _processors(model) == before
-    assert not model._forward_pre_hooks and not model._forward_hooks
-
-
 def test_unet_sites_keep_their_old_fields(sd15):
     site = next(s for s in pc.find_sites(sd15.unet) if s.is_cross)
     assert site.text_keys == "all" and site.stream is None and site.patch == 1 and not site.on_transformer

@@ -211,20 +211,6 @@ def test_pass_through_equals_stock_on_the_tiny_sd3_pipeline(sd3, guidance, image
     torch.testing.assert_close(controlled, stock, atol=1e-5, rtol=0)
 
 
-def test_flux_joint_attention_is_still_refused_naming_what_is_supported():
-    from diffusers import FluxTransformer2DModel
-
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
-    )
-    before = _processors(model)
-    with pytest.raises(NotImplementedError, match=r"no processor for its joint attention yet.*SD3 / SD3.5"):
-        with pc.control(model, pc.AttentionStore()):
-            pass
-    assert _processors(model) == before and not model._forward_pre_hooks
-
-
 # ---- 3. maps ------------------------------------------------------------------------------------------------
 def test_joint_text_probs_equal_the_explicit_joint_softmax_in_any_chunking():
     g = torch.Generator().manual_seed(0)

@@ -60,7 +60,9 @@ class Runner:
 
     @property
     def tokenizer(self):
-        return getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        from ..tokens import word_tokenizer
+
+        return word_tokenizer(self.pipe) or getattr(self.pipe, "tokenizer_2", None)
 
     @property
     def device(self) -> str:

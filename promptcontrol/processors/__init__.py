@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..sites import AttentionSite
 from .attention import ControlledAttnProcessor
+from .flux import FLUX_NAMES, ControlledFluxAttnProcessor
 from .joint import ControlledJointAttnProcessor
 
 
@@ -77,43 +78,73 @@ SELF = ProcessorKind(
     replaceable=ATTENTION.replaceable,
 )
 
-KINDS: dict[str, ProcessorKind] = {"cross": ATTENTION, "self": SELF, "joint": JOINT}
-"""Site kind -> processor kind. SD3's joint attention is served; Flux's (text first, single-stream blocks) not
-yet: :func:`kind_for` refuses it."""
+SUPPORTED = (
+    "cross- and self-attention with diffusers' AttnProcessor2_0 (Stable Diffusion 1.x / 2.x / SDXL UNets, and the "
+    "cross-attention of PixArt / Sana transformers), SD3 / SD3.5 joint attention (JointAttnProcessor2_0) and "
+    "Flux.1 joint attention, double- and single-stream blocks (FluxTransformer2DModel, FluxAttnProcessor)"
+)
 
-OURS: tuple[type, ...] = (ControlledAttnProcessor, ControlledJointAttnProcessor)
+
+def _not_flux1(module: Any) -> str | None:
+    """Flux 2's and Flux 3's attention are other computations than FluxAttnProcessor's (Flux 2's single-stream
+    blocks fuse q/k/v with the MLP input and one output projection over both; Flux 3 has its own processor):
+    refuse them by name rather than run Flux.1's ops on them."""
+    name = type(getattr(module, "processor", None)).__name__
+    if name in FLUX_NAMES or not (name.startswith("Flux2") or name.startswith("Flux3")):
+        return None  # Flux.1's own, or a custom processor the session names itself
+    model = "Flux 2 (Flux2Transformer2DModel)" if name.startswith("Flux2") else "Flux 3 (transformer_flux3.py)"
+    return (
+        f"this is {model} attention ({type(module).__name__} with {name}), which promptcontrol does not mirror: "
+        f"supported are {SUPPORTED}. Use a Flux.1 pipeline (FluxPipeline), or exclude these sites from your "
+        "controllers (sites=...)"
+    )
+
+
+FLUX = ProcessorKind(
+    name="Flux joint attention (FluxAttnProcessor)",
+    make=ControlledFluxAttnProcessor,
+    equivalent=FLUX_NAMES,
+    refuses=_not_flux1,
+)
+
+KINDS: dict[str, ProcessorKind] = {"cross": ATTENTION, "self": SELF, "joint": JOINT}
+"""Site kind -> processor kind; joint sites with the text first (Flux) get :data:`FLUX` (:func:`kind_for`)."""
+
+OURS: tuple[type, ...] = (ControlledAttnProcessor, ControlledJointAttnProcessor, ControlledFluxAttnProcessor)
 """Every processor class of promptcontrol (to recognise one left behind by a failed restore)."""
 
 
 def kind_for(site: AttentionSite) -> ProcessorKind | None:
-    """The processor kind that serves ``site``, or ``None`` when promptcontrol has none for it yet (Flux-style
-    joint attention: text first or single-stream)."""
-    if site.kind == "joint" and (site.text_keys != "after" or site.stream != "double"):
+    """The processor kind that serves ``site``, or ``None`` when promptcontrol has none for it: SD3 joint
+    attention (text after the image, double-stream), Flux joint attention (text first, double- or single-stream),
+    cross- and self-attention."""
+    if site.kind == "joint":
+        if site.text_keys == "before" and site.stream in ("double", "single"):
+            return FLUX
+        if site.text_keys == "after" and site.stream == "double":
+            return JOINT
         return None
     return KINDS.get(site.kind)
 
 
 def unserved(site: AttentionSite) -> str:
     """Why ``site`` cannot be controlled yet, naming what is supported."""
+    where = f"text {site.text_keys} the image, {site.stream}-stream" if site.kind == "joint" else site.kind
     return (
-        f"promptcontrol has no processor for {site.kind} attention yet (site {site.module_path}: "
-        f"{'Flux joint attention' if site.kind == 'joint' else site.kind}); supported today: cross- and "
-        "self-attention with diffusers' AttnProcessor2_0 (Stable Diffusion 1.x / 2.x / SDXL UNets, and the "
-        "cross-attention of PixArt / Sana transformers) and SD3 / SD3.5 joint attention (JointAttnProcessor2_0). "
-        "Exclude these sites with sites=... or use a supported pipeline"
+        f"promptcontrol has no processor for {site.kind} attention of this layout (site {site.module_path}: "
+        f"{where}); supported: {SUPPORTED}. Exclude these sites with sites=... or use a supported pipeline"
     )
 
 
 def unserved_model(sites: list[AttentionSite]) -> str | None:
-    """Why a denoiser cannot be controlled at all yet — its text reaches the image only through joint attention
-    that has no processor here yet (Flux: text first, single-stream blocks) — or ``None``."""
+    """Why a denoiser cannot be controlled at all — its text reaches the image only through joint attention of a
+    layout no processor here serves — or ``None``."""
     joint = [site for site in sites if site.kind == "joint" and kind_for(site) is None]
     if not joint:
         return None
     counts = ", ".join(f"{sum(s.kind == k for s in sites)} {k}" for k in sorted({s.kind for s in sites}))
     return (
-        f"promptcontrol finds this transformer's attention sites ({counts}) but has no processor for its joint "
-        "attention yet (Flux-style [text | image] and single-stream blocks: the next feature). Supported: UNet "
-        "pipelines (Stable Diffusion 1.x / 2.x / SDXL), SD3 / SD3.5 and PixArt / Sana transformers; "
-        "pc.find_sites(pipe.transformer) lists the sites"
+        f"promptcontrol finds this transformer's attention sites ({counts}) but has no processor for the layout "
+        "of its joint attention. Supported: UNet pipelines (Stable Diffusion 1.x / 2.x / SDXL), SD3 / SD3.5, "
+        "Flux.1 and PixArt / Sana transformers; pc.find_sites(pipe.transformer) lists the sites"
     )
