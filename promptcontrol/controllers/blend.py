@@ -1,6 +1,7 @@
 """``pc.LocalBlend``: edit only where the given words are; elsewhere keep the source image's latents.
 
-Prompt-to-prompt's local blending, for any image size. At the down/up cross-attention sites of ``levels`` (default:
+Prompt-to-prompt's local blending, for any image size (on SD3, PixArt and Sana transformers too: every block whose keys
+hold the text, one grid; not Flux, whose latents are packed). At the down/up cross-attention sites of ``levels`` (default:
 the coarsest down/up level with cross-attention — prompt-to-prompt's 16² layers at 512² for SD 1.x) and at every
 step, the maps of the blend words' tokens are summed, per image, over tokens, heads, layers and the steps so far.
 After each scheduler step from ``start`` on:
@@ -26,7 +27,7 @@ from ..alignment import edit_images
 from ..context import SessionView, StepContext
 from ..plan import AttentionPlan, maps_used
 from ..schedule import Window, _fraction, site_filter
-from ..sites import AttentionSite, grid_for
+from ..sites import AttentionSite, grid_from_length
 from ..tokens import tokenize
 from .base import Controller
 
@@ -46,16 +47,23 @@ def blend_mask(
 
 
 def default_blend_levels(sites: Sequence[AttentionSite]) -> tuple[int, ...]:
-    """The coarsest level holding down/up cross-attention (16² at 512² for SD 1.x, as prompt-to-prompt)."""
+    """The coarsest level holding down/up cross-attention (16² at 512² for SD 1.x, as prompt-to-prompt); on a
+    transformer (one token grid: level 0) its only level."""
     levels = [s.level for s in sites if s.kind == "cross" and s.place in ("down", "up")]
+    if not levels:
+        levels = [s.level for s in sites if s.on_transformer and s.attends_text]
     return (max(levels),) if levels else ()
 
 
-def _blend_sites(levels: Sequence[int]) -> Callable[[AttentionSite], bool]:
+def _blend_sites(levels: Sequence[int], sites: Sequence[AttentionSite] = ()) -> Callable[[AttentionSite], bool]:
     """``site -> bool``: the down/up cross-attention sites of ``levels`` (the middle block is left out, as
-    prompt-to-prompt does; none when ``levels`` is empty)."""
+    prompt-to-prompt does); on a transformer every block whose keys hold the text (cross or joint attention);
+    none when ``levels`` is empty."""
     if not levels:
         return lambda site: False
+    if any(s.on_transformer for s in sites):
+        wanted = tuple(levels)
+        return lambda site: site.on_transformer and site.attends_text and site.level in wanted
     return site_filter({"kinds": "cross", "places": ("down", "up"), "levels": tuple(levels)}, "LocalBlend levels")
 
 
@@ -106,8 +114,19 @@ class LocalBlend(Controller):
         self._session = session
         if session.pipe is None:
             raise ValueError("pc.LocalBlend changes latents between steps and needs a pipeline, not a bare UNet")
+        if any(site.text_keys == "before" for site in session.sites):
+            raise NotImplementedError(
+                "pc.LocalBlend on Flux is not supported yet (its latents are packed 2×2 patches); edit without "
+                "blend=, or use an SD 1.x / 2.x / SDXL / SD3 / PixArt / Sana pipeline"
+            )
         levels = self.levels if self.levels is not None else default_blend_levels(session.sites)
-        self._reads = _blend_sites(levels)
+        self._reads = _blend_sites(levels, session.sites)
+        if not any(self._reads(site) for site in session.sites):
+            text_levels = sorted({site.level for site in session.sites if site.attends_text})
+            raise ValueError(
+                f"pc.LocalBlend levels={tuple(levels)!r} select no attention site that sees the text, so no mask "
+                f"could be made; this model's text sites are at levels {text_levels} (omit levels= for the default)"
+            )
         self._reset()
 
     def unbind(self) -> None:  # the maps and the last mask stay readable after the session
@@ -173,8 +192,10 @@ class LocalBlend(Controller):
     def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor, plan: AttentionPlan) -> None:
         rows, tokens, images, count = self._row_facts(ctx.layout, probs.device)
         maps = maps_used(plan, probs)[rows]  # (R, heads, Q, K): the maps the rows used, after the edits
+        if maps.shape[-1] != tokens.shape[-1]:  # SD3's joint keys: the CLIP tokens, then the T5 segment (no word)
+            tokens = F.pad(tokens, (0, int(maps.shape[-1]) - int(tokens.shape[-1])))
         word_map = torch.einsum("rhqk,rk->rq", maps, tokens)  # summed over heads and tokens
-        h, w = grid_for(ctx.latent_hw, site.level)
+        h, w = grid_from_length(ctx.latent_hw, int(maps.shape[2]))  # a transformer's patches: not the latent grid
         total = self._sums.get(site.level)
         if total is None:
             total = torch.zeros(ctx.layout.num_images, h, w, device=maps.device)
