@@ -57,8 +57,13 @@ def add_evaluate(sub) -> None:
     p.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded toy model)")
     p.add_argument("--random", action="store_true", help="a random-weight model of the embedded shape (the baseline)")
     p.add_argument("--only", nargs="+", default=None, metavar="PART",
-                   help="measure only these: captions, maps, edits, weights (default: all)")
-    p.add_argument("--quick", action="store_true", help="smaller prompt sets (16 captions, 8 maps, 4 swaps, 4 weights)")
+                   help="measure only these: captions, maps, edits, weights, blend (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller prompt sets (16 captions, 8 maps, 4 swaps, 4 weights, 4 + 2 blend swaps)")
+    p.add_argument("--maps-by-level", action="store_true",
+                   help="also print noun / adjective map mIoU of each recorded (place, level) alone")
+    p.add_argument("--map-sites", nargs="+", default=None, metavar="PLACE:LEVEL",
+                   help="sites of the map rows, e.g. down:0 up:1 (default: down:0 up:1, see docs/embedded-model.md)")
     p.add_argument("-n", "--captions", type=positive_int, default=None, help="captions for caption accuracy (default 48)")
     p.add_argument("--seed", type=seed_value, default=1234, help="seed of the caption and map prompt set (default 1234)")
     p.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
@@ -221,6 +226,12 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
         raise CliError(str(error), "--only takes measurement names") from None
     if args.random and args.model:
         raise CliError("--random and --model both given", "pick one model")
+    if args.maps_by_level and "maps" not in parts:
+        raise CliError("--maps-by-level breaks down the maps part, which --only leaves out", "add maps to --only")
+    try:
+        map_sites = evaluate._best_sites if args.map_sites is None else evaluate.PlaceLevels.parse(args.map_sites)
+    except ValueError as error:
+        raise CliError(str(error), "--map-sites takes PLACE:LEVEL pairs") from None
     sets = evaluate.QUICK if args.quick else evaluate.PromptSets()
     sets = replace(sets, seed=args.seed, **({} if args.captions is None else {"captions": args.captions}))
     if args.out is not None:
@@ -236,8 +247,13 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
         if not args.quiet:
             print(f"measuring {part} ...", file=sys.stderr, flush=True)
 
-    report = evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
-                               progress=progress)
+    try:
+        report = evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
+                                   progress=progress, map_sites=map_sites, by_level=args.maps_by_level)
+    except ValueError as error:
+        if "no recorded site matches" not in str(error):
+            raise
+        raise CliError(str(error), "pick recorded sites with --map-sites PLACE:LEVEL ...") from None
     table = report.table()
     print(table)
     if args.out is None:

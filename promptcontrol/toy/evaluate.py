@@ -14,7 +14,10 @@ Pipeline of the measurement:
 
 The heat-map measurements (noun/adjective mIoU, own-object preference, edit layout IoU, weight
 monotonicity) reuse ``Generation`` (the image and its segments per caption object) and ``iou``; they add
-fields to ``TruthReport``, which prints every measured row in ``table()``.
+fields to ``TruthReport``, which prints every measured row in ``table()`` with issue 16's targets. The map
+sites are a rule (``map_sites``, default :data:`_best_sites`, by place and level); ``by_level`` adds the
+maps of each recorded (place, level) alone. The local-blend part (``blend``) is in
+:mod:`promptcontrol.toy.blend_truth`.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from . import world
+from .blend_truth import BlendTruth, blend_rows, blend_truth
 from .segment import PALETTE_NAMES, Segment, iou, palette_labels, segment
 from .segment import classify_shape, prototype  # noqa: F401 (callers import them from here)
 
@@ -125,9 +129,36 @@ HEAT_THRESHOLD = 0.4
 """A word's region: its min-max normalised map ≥ τ (as DAAM)."""
 
 
-def _best_sites(site) -> bool:
-    """The sites whose maps best match the objects on the embedded model: the outermost down and up blocks."""
-    return (site.place, site.block) in {("down", 0), ("up", 0)}
+@dataclass(frozen=True)
+class PlaceLevels:
+    """A ``sites=`` rule by place and level: ``site -> bool``, true for sites whose ``(site.place, site.level)``
+    is one of ``pairs``. Prints as ``down@0+up@1``."""
+
+    pairs: tuple[tuple[str, int], ...]
+
+    def __call__(self, site) -> bool:
+        return (site.place, site.level) in self.pairs
+
+    def __str__(self) -> str:
+        return "+".join(f"{place}@{level}" for place, level in self.pairs)
+
+    @classmethod
+    def parse(cls, texts: list[str]) -> "PlaceLevels":
+        """From ``["down:0", "up:1"]`` (place ``down`` / ``mid`` / ``up``, level an int >= 0)."""
+        pairs = []
+        for text in texts:
+            place, _, level = text.partition(":")
+            if place not in ("down", "mid", "up") or not level.isdigit():
+                raise ValueError(f"site {text!r} is not PLACE:LEVEL (place down, mid or up; level 0, 1, ...), "
+                                 "e.g. down:0 up:1")
+            pairs.append((place, int(level)))
+        return cls(tuple(pairs))
+
+
+_best_sites = PlaceLevels((("down", 0), ("up", 1)))
+"""The default map sites: down blocks at level 0 (full latent grid) and up blocks at level 1 — on the embedded
+model (v2) ``down_blocks.0`` + ``up_blocks.0``, the sites issue 6 measured best there. ``--maps-by-level``
+measures every (place, level) so the rule can be chosen from measurement."""
 
 
 def _occurrence(words: list[str], index: int) -> int:
@@ -147,17 +178,19 @@ class HeatmapTruth:
 
 
 @torch.no_grad()
-def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
-                  guidance_scale: float = 7.5, threshold: float = HEAT_THRESHOLD, sites=_best_sites) -> HeatmapTruth:
-    """Generate each caption under ``pc.trace`` and compare each object's noun / adjective map with the object
-    drawn (its segment; a missing segment counts as IoU 0 and a failed preference)."""
+def traced_generations(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
+                       guidance_scale: float = 7.5):
+    """``(generations, trace)``: the samples' images generated under ``pc.trace`` (its recordings stay readable)."""
     from ..tracing import trace
 
-    gens, maps = [], []
     with trace(pipe) as tr:
         gens = generate(pipe, samples, seed=seed, steps=steps, guidance_scale=guidance_scale)
-    for k in range(len(gens)):
-        maps.append(tr.heatmaps(k, sites=sites))
+    return gens, tr
+
+
+def score_maps(gens: list[Generation], maps: list, threshold: float = HEAT_THRESHOLD) -> HeatmapTruth:
+    """Each object's noun / adjective map (``maps[k]``: the HeatMaps of generation k) against the object drawn
+    (its segment; a missing segment counts as IoU 0 and a failed preference)."""
     nouns, adjs, own = [], [], []
     for g, hm in zip(gens, maps):
         words = g.sample.caption.words
@@ -165,7 +198,7 @@ def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: in
         segs = [g.segment_of(i) for i in range(len(objs))]
         for i, ow in enumerate(objs):
             for idx, out in ((ow.noun, nouns), (ow.adjective, adjs)):
-                m = hm.word(words[idx], occurrence=_occurrence(words, idx)).numpy()
+                m = hm.word(words[idx], occurrence=_occurrence(words, idx)).numpy()  # (H, W) in [0, 1]
                 out.append(0.0 if segs[i] is None else iou(m >= threshold, segs[i].mask))
                 if len(objs) == 2:
                     other = segs[1 - i]
@@ -173,6 +206,68 @@ def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: in
                                and bool(m[segs[i].mask].mean() > m[other.mask].mean()))
     return HeatmapTruth(float(np.mean(nouns)), float(np.mean(adjs)), float(np.mean(own)) if own else float("nan"),
                         len(nouns), len(own))
+
+
+def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
+                  guidance_scale: float = 7.5, threshold: float = HEAT_THRESHOLD, sites=_best_sites) -> HeatmapTruth:
+    """Generate each caption under ``pc.trace`` and score its maps from ``sites`` (any ``sites=`` spec,
+    default :data:`_best_sites`) with :func:`score_maps`."""
+    gens, tr = traced_generations(pipe, samples, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    return score_maps(gens, [tr.heatmaps(k, sites=sites) for k in range(len(gens))], threshold)
+
+
+@dataclass
+class LevelMaps:
+    """The map scores of one (place, level) of the recorded cross-attention sites alone."""
+
+    place: str
+    level: int
+    sites: int  # how many recorded sites that (place, level) holds
+    truth: HeatmapTruth
+
+
+def recorded_place_levels(tr) -> list[tuple[tuple[str, int], int]]:
+    """``[((place, level), number of sites)]`` of the cross-attention sites a trace recorded: down, mid, up,
+    each from level 0 (the full latent grid) up."""
+    counts: dict[tuple[str, int], int] = {}
+    for site in tr.store.recording(0).sites:
+        if site.kind == "cross":
+            counts[(site.place, site.level)] = counts.get((site.place, site.level), 0) + 1
+    order = {"down": 0, "mid": 1, "up": 2}
+    return sorted(counts.items(), key=lambda item: (order.get(item[0][0], 3), item[0][1]))
+
+
+def maps_by_level(gens: list[Generation], tr, threshold: float = HEAT_THRESHOLD) -> list[LevelMaps]:
+    """:func:`score_maps` with the maps of each recorded (place, level) alone (the mid block included)."""
+    out = []
+    for (place, level), n in recorded_place_levels(tr):
+        rule = PlaceLevels(((place, level),))
+        maps = [tr.heatmaps(k, sites=rule) for k in range(len(gens))]
+        out.append(LevelMaps(place, level, n, score_maps(gens, maps, threshold)))
+    return out
+
+
+@dataclass(frozen=True)
+class PairedMargin:
+    """Paired differences a − b over n items: their mean, sample standard deviation (n − 1; nan for n < 2) and
+    how many items a wins (a > b)."""
+
+    mean: float
+    sd: float
+    won: int
+    n: int
+
+
+def paired_margin(a, b) -> PairedMargin:
+    """:class:`PairedMargin` of per-item scores ``a`` over ``b`` (same length, paired by position)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_margin needs two equal-length 1-d score lists, got shapes {a.shape} and {b.shape}")
+    if a.size == 0:
+        return PairedMargin(float("nan"), float("nan"), 0, 0)
+    d = a - b
+    sd = float(np.std(d, ddof=1)) if d.size > 1 else float("nan")
+    return PairedMargin(float(d.mean()), sd, int((d > 0).sum()), int(d.size))
 
 
 @dataclass
@@ -186,6 +281,18 @@ class EditTruth:
     layout_controlled: float  # IoU of the whole foreground (non-background pixels), source vs edit
     layout_plain: float
     n_swaps: int
+    object_pairs: tuple[tuple[float, float], ...] = ()  # per swap: (controlled, plain) swapped-object IoU
+    layout_pairs: tuple[tuple[float, float], ...] = ()  # per swap: (controlled, plain) layout IoU
+
+    @property
+    def layout_margin(self) -> PairedMargin:
+        """pc.edit's layout IoU minus the plain prompt change's, paired per swap."""
+        return paired_margin([c for c, _ in self.layout_pairs], [p for _, p in self.layout_pairs])
+
+    @property
+    def object_margin(self) -> PairedMargin:
+        """pc.edit's swapped-object IoU minus the plain prompt change's, paired per swap."""
+        return paired_margin([c for c, _ in self.object_pairs], [p for _, p in self.object_pairs])
 
 
 def swap_prompts(samples: list[world.Sample]) -> list[tuple[str, str, str, str]]:
@@ -219,7 +326,8 @@ def edit_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int =
             scores["r" + name[0]].append(b is not None)
             scores["l" + name[0]].append(iou(palette_labels(ims[0]) > 0, palette_labels(ims[1]) > 0))
     m = {k: float(np.mean(v)) for k, v in scores.items()}
-    return EditTruth(m["controlled"], m["plain"], m["rc"], m["rp"], m["lc"], m["lp"], len(scores["plain"]))
+    return EditTruth(m["controlled"], m["plain"], m["rc"], m["rp"], m["lc"], m["lp"], len(scores["plain"]),
+                     tuple(zip(scores["controlled"], scores["plain"])), tuple(zip(scores["lc"], scores["lp"])))
 
 
 MONO_TOL = 0.02
@@ -286,50 +394,75 @@ def weight_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int
 
 @dataclass
 class TruthReport:
-    """Every measured number; heat-map / edit / weight metrics are added as further optional fields."""
+    """Every measured number; each part fills its field, ``rows()`` lists them with issue 16's targets."""
 
     caption: CaptionAccuracy | None = None
     settings: dict = field(default_factory=dict)
     heatmaps: HeatmapTruth | None = None
     edits: EditTruth | None = None
     weights: list[WeightTruth] | None = None  # one per mode of WEIGHT_MODES
+    blend: BlendTruth | None = None
+    maps_by_level: list[LevelMaps] | None = None  # with --maps-by-level: the maps of each (place, level) alone
 
     def rows(self) -> list[tuple[str, float, str, str]]:
-        """(metric, value, target, counted over) for every measured number."""
+        """(metric, value, target, counted over) for every measured number; targets are issue 16's."""
         out = []
         if self.caption is not None:
-            c = self.caption
-            out += [
-                ("colour accuracy", c.colour, ">= 0.95", f"{c.n_objects} objects"),
-                ("shape accuracy", c.shape, ">= 0.90", f"{c.n_objects} objects"),
-                ("position accuracy", c.position, ">= 0.80", f"{c.n_positions} named positions"),
-                ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
-                ("images with an extra colour", c.extra, "-", f"{c.n_images} images"),
-            ]
+            out += _caption_rows(self.caption)
         if self.heatmaps is not None:
-            h = self.heatmaps
-            out += [("noun map mIoU", h.noun_miou, ">= 0.50", f"{h.n_objects} objects"),
-                    ("adjective map mIoU", h.adjective_miou, "-", f"{h.n_objects} objects"),
-                    ("map prefers own object", h.own_object, ">= 0.90", f"{h.n_words_two_objects} words")]
+            out += _map_rows(self.heatmaps)
+        for lm in self.maps_by_level or []:
+            out += [(f"noun map mIoU, {lm.place}@{lm.level} alone", lm.truth.noun_miou, "-",
+                     f"{lm.truth.n_objects} objects, {lm.sites} sites"),
+                    (f"adjective map mIoU, {lm.place}@{lm.level} alone", lm.truth.adjective_miou, "-",
+                     f"{lm.truth.n_objects} objects, {lm.sites} sites")]
         if self.edits is not None:
-            e = self.edits
-            out += [("swap IoU, pc.edit 0.8/0.4", e.controlled, ">= 0.80", f"{e.n_swaps} swaps"),
-                    ("swap IoU, plain prompt change", e.plain, "< pc.edit", f"{e.n_swaps} swaps"),
-                    ("swap recoloured, pc.edit", e.recoloured_controlled, "-", f"{e.n_swaps} swaps"),
-                    ("swap recoloured, plain change", e.recoloured_plain, "-", f"{e.n_swaps} swaps")]
+            out += _edit_rows(self.edits)
         for w in self.weights or []:
             out += [(f"colour share, {w.mode} w {k:g}", v, "rising", f"{w.n_prompts} prompts")
                     for k, v in zip(w.weights, w.shares)]
-            out.append((f"rising monotonically, {w.mode}", w.monotonic, "-", f"{w.n_prompts} prompts"))
+            out.append((f"rising monotonically, {w.mode}", w.monotonic, ">= 7/8", f"{w.n_prompts} prompts"))
+        if self.blend is not None:
+            out += blend_rows(self.blend)
         return out
 
     def table(self) -> str:
         rows = self.rows()
-        lines = [f"{'metric':<30} {'value':>6}  {'target':<9} over"]
-        lines += [f"{m:<30} {v:>6.3f}  {t:<9} {n}" for m, v, t, n in rows]
+        mw = max([30] + [len(m) for m, *_ in rows])
+        tw = max([9] + [len(t) for _, _, t, _ in rows])
+        lines = [f"{'metric':<{mw}} {'value':>7}  {'target':<{tw}} over"]
+        lines += [f"{m:<{mw}} {v:>7.3f}  {t:<{tw}} {n}" for m, v, t, n in rows]
         if self.settings:
             lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
         return "\n".join(lines)
+
+
+def _caption_rows(c: CaptionAccuracy) -> list[tuple[str, float, str, str]]:
+    return [("colour accuracy", c.colour, ">= 0.97", f"{c.n_objects} objects"),
+            ("shape accuracy", c.shape, ">= 0.97", f"{c.n_objects} objects"),
+            ("position accuracy", c.position, ">= 0.97", f"{c.n_positions} named positions"),
+            ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
+            ("images with an extra colour", c.extra, "-", f"{c.n_images} images")]
+
+
+def _map_rows(h: HeatmapTruth) -> list[tuple[str, float, str, str]]:
+    return [("noun map mIoU", h.noun_miou, ">= 0.60", f"{h.n_objects} objects"),
+            ("adjective map mIoU", h.adjective_miou, ">= 0.50", f"{h.n_objects} objects"),
+            ("map prefers own object", h.own_object, ">= 0.95", f"{h.n_words_two_objects} words")]
+
+
+def _edit_rows(e: EditTruth) -> list[tuple[str, float, str, str]]:
+    n = f"{e.n_swaps} swaps"
+    lm, om = e.layout_margin, e.object_margin
+    return [("colour-swap layout IoU, pc.edit 0.8/0.4", e.layout_controlled, ">= 0.85", n),
+            ("colour-swap layout IoU, plain change", e.layout_plain, "< pc.edit", n),
+            ("layout IoU margin over plain (mean)", lm.mean, "> 0", f"paired, {lm.won} of {lm.n} swaps won"),
+            ("layout IoU margin over plain (sd)", lm.sd, "stated", f"{lm.n} per-swap differences"),
+            ("swap IoU, pc.edit 0.8/0.4", e.controlled, ">= 0.80", n),
+            ("swap IoU, plain prompt change", e.plain, "< pc.edit", n),
+            ("swap IoU margin over plain (mean)", om.mean, "-", f"paired, {om.won} of {om.n} won, sd {om.sd:.3f}"),
+            ("swap recoloured, pc.edit", e.recoloured_controlled, "-", n),
+            ("swap recoloured, plain change", e.recoloured_plain, "-", n)]
 
 
 @dataclass(frozen=True)
@@ -340,15 +473,19 @@ class PromptSets:
     maps: int = 16  # heat maps (same seed as the captions: the first ``maps`` of them)
     swaps: int = 8  # colour swaps with pc.edit
     weights: int = 8  # colour weights 0.5 / 1 / 2
+    blends: int = 8  # local-blend swaps of generated scenes
+    inversions: int = 4  # local-blend swaps of inverted rendered scenes
     seed: int = 1234
     swap_seed: int = 99
     weight_seed: int = 77
+    blend_seed: int = 2024  # fresh: used by no other part (world.dataset(blends, 2024, n_objects=2))
+    invert_seed: int = 2025  # fresh: world.dataset(inversions, 2025, n_objects=2)
 
 
 WEIGHT_MODES = ("attention", "embedding")
 """pc.generate's default (the P2P equalizer) and A1111's embedding scaling: both measured, as they differ here."""
-QUICK = PromptSets(captions=16, maps=8, swaps=4, weights=4)
-PARTS = ("captions", "maps", "edits", "weights")
+QUICK = PromptSets(captions=16, maps=8, swaps=4, weights=4, blends=4, inversions=2)
+PARTS = ("captions", "maps", "edits", "weights", "blend")
 
 
 def check_parts(parts: tuple[str, ...]) -> None:
@@ -361,36 +498,52 @@ def check_parts(parts: tuple[str, ...]) -> None:
 
 
 def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = PARTS, steps: int = 20,
-             guidance_scale: float = 7.5, progress=None) -> TruthReport:
+             guidance_scale: float = 7.5, progress=None, map_sites=_best_sites,
+             by_level: bool = False) -> TruthReport:
     """Measure ``pipe`` on the world's ground truth; ``parts`` picks the measurements (see ``PARTS``).
 
-    ``progress(part)`` is called before each part (e.g. to print it). The edit and weight parts use guidance 7.5
-    through ``pc.edit`` / ``pc.generate`` defaults and the given steps.
+    ``map_sites``: the ``sites=`` rule of the map measurement (default :data:`_best_sites`); ``by_level``: also
+    score the maps of each recorded (place, level) alone, from the same images (needs the ``maps`` part).
+    ``progress(part)`` is called before each part (e.g. to print it). The edit, weight and blend parts use
+    guidance 7.5 through ``pc.edit`` / ``pc.generate`` defaults and the given steps.
     """
     check_parts(parts)
+    if by_level and "maps" not in parts:
+        raise ValueError("the by-level breakdown scores the maps part: add 'maps' to the parts")
     pipe.set_progress_bar_config(disable=True)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, **asdict(sets)}
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "map_sites": str(map_sites), **asdict(sets)}
     report = TruthReport(settings=settings)
     for part in PARTS:
         if part not in parts:
             continue
         if progress is not None:
             progress(part)
-        if part == "captions":
-            gens = generate(pipe, eval_samples(sets.captions, sets.seed), seed=sets.seed, steps=steps,
-                            guidance_scale=guidance_scale)
-            report.caption = caption_accuracy(gens)
-        elif part == "maps":
-            report.heatmaps = heatmap_truth(pipe, eval_samples(sets.maps, sets.seed), seed=sets.seed, steps=steps,
-                                            guidance_scale=guidance_scale)
-        elif part == "edits":
-            report.edits = edit_truth(pipe, eval_samples(sets.swaps, sets.swap_seed), seed=sets.swap_seed,
-                                      steps=steps)
-        else:
-            report.weights = [weight_truth(pipe, eval_samples(sets.weights, sets.weight_seed), seed=sets.weight_seed,
-                                           steps=steps, guidance_scale=guidance_scale, mode=mode)
-                              for mode in WEIGHT_MODES]
+        _measure(report, part, pipe, sets, steps, guidance_scale, map_sites, by_level)
     return report
+
+
+def _measure(report: TruthReport, part: str, pipe, sets: PromptSets, steps: int, guidance_scale: float,
+             map_sites, by_level: bool) -> None:
+    """Run one part of :func:`evaluate` and store its result in ``report``."""
+    if part == "captions":
+        gens = generate(pipe, eval_samples(sets.captions, sets.seed), seed=sets.seed, steps=steps,
+                        guidance_scale=guidance_scale)
+        report.caption = caption_accuracy(gens)
+    elif part == "maps":
+        gens, tr = traced_generations(pipe, eval_samples(sets.maps, sets.seed), seed=sets.seed, steps=steps,
+                                      guidance_scale=guidance_scale)
+        report.heatmaps = score_maps(gens, [tr.heatmaps(k, sites=map_sites) for k in range(len(gens))])
+        if by_level:
+            report.maps_by_level = maps_by_level(gens, tr)
+    elif part == "edits":
+        report.edits = edit_truth(pipe, eval_samples(sets.swaps, sets.swap_seed), seed=sets.swap_seed, steps=steps)
+    elif part == "weights":
+        report.weights = [weight_truth(pipe, eval_samples(sets.weights, sets.weight_seed), seed=sets.weight_seed,
+                                       steps=steps, guidance_scale=guidance_scale, mode=mode)
+                          for mode in WEIGHT_MODES]
+    else:
+        report.blend = blend_truth(pipe, n_generated=sets.blends, n_inverted=sets.inversions,
+                                   blend_seed=sets.blend_seed, invert_seed=sets.invert_seed, steps=steps)
 
 
 if __name__ == "__main__":
