@@ -162,6 +162,20 @@ def run_dispatch(args) -> str:
     return dispatch.main(forward)
 
 
+def run_transformers(args, extra: list[str]) -> str:
+    """``--only sd3``: the SD3-medium architecture transformer case (its own model, sizes and table: see
+    :mod:`benchmarks.transformers`, whose own options — ``--layers``, ``--size``, ``--tiny``, ``--no-memory`` —
+    pass through)."""
+    from . import transformers
+
+    out = args.out[: -len("/run")] + "/sd3" if args.out.endswith("/run") else args.out
+    forward = ["--arch", "sd3", "--device", args.device, "--out", out, "--warmup", str(args.warmup)]
+    for name in ("dtype", "repeats", "clock"):
+        if getattr(args, name):
+            forward += [f"--{name}", str(getattr(args, name))]
+    return transformers.main(forward + extra)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU: SD 1.5 at 256², 1 step per call, 3 rounds")
@@ -180,11 +194,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--compile", metavar="BACKEND", help="also time torch.compile'd variants (e.g. inductor)")
     parser.add_argument(
         "--only", nargs="+", help="keep cases whose name contains one of these (and their stock); `--only dispatch`: "
-        "the host cost per attention call instead (benchmarks/dispatch.py: tiny UNet, µs per call, GPU projection)"
+        "the host cost per attention call instead (benchmarks/dispatch.py: tiny UNet, µs per call, GPU projection); "
+        "`--only sd3`: the SD3-medium architecture transformer instead (benchmarks/transformers.py: CPU 512², 2 "
+        "blocks; --gpu 1024², 24 blocks; takes its --layers, --size, --tiny, --no-memory too)"
     )
     parser.add_argument("--out", default="benchmarks/results/run")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only draw a results JSON as a PNG")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    transformer_case = bool(args.only) and "sd3" in args.only
+    if extra and not transformer_case:  # only the transformer case has options of its own
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.plot:
         plot(*args.plot)
         return args.plot[1]
@@ -192,6 +211,8 @@ def main(argv: list[str] | None = None) -> str:
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.only and "dispatch" in args.only:
         return run_dispatch(args)
+    if transformer_case:
+        return run_transformers(args, extra)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
     args.steps = args.steps or (1 if args.device == "cpu" else 10)
