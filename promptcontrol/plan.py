@@ -173,6 +173,24 @@ def on_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dty
     return tensor.to(device) if dtype is None else tensor.to(device=device, dtype=dtype)
 
 
+_ROW_INDEX: dict[tuple, torch.Tensor] = {}
+_ROW_INDEX_LIMIT = 64
+
+
+def row_index(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``rows`` (B,) long, a host tensor, on ``device`` — the same tensor object for the same rows and device,
+    so that plans of different controllers that pick the same rows (Replace's source rows and InjectSelf's) are
+    recognised by identity at every site without reading the device (a joint site then runs one plain SDPA
+    call instead of the concatenated-features one) and the rows are copied to the device once."""
+    key = (tuple(int(r) for r in rows.tolist()), str(device))  # host tensor: no device read
+    index = _ROW_INDEX.get(key)
+    if index is None:
+        if len(_ROW_INDEX) >= _ROW_INDEX_LIMIT:
+            _ROW_INDEX.clear()
+        index = _ROW_INDEX[key] = on_device(rows, device)
+    return index
+
+
 def attention_probs(
     query: torch.Tensor,  # (B, heads, Q, d)
     key: torch.Tensor,  # (B, heads, K, d)

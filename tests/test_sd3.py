@@ -407,3 +407,21 @@ def test_edit_on_sd3_equals_cross_from_the_source_and_self_injection_reference(s
     assert _check_calls(sd3.transformer, calls, reference) == steps * 4  # 3 joint + 1 attn2 sites
     assert len(out.images) == 2
     assert not torch.allclose(torch.as_tensor(out.images[0]), torch.as_tensor(out.images[1]))
+
+
+def test_an_edit_with_self_injection_runs_one_plain_sdpa_per_joint_site(sd3, monkeypatch):
+    """Replace and InjectSelf pick the same source rows: the joint site sees that by identity (no device read) and
+    runs one plain-width SDPA call, not the concatenated-features one (head dim 2d) meant for differing rows."""
+    import promptcontrol.processors.joint as joint
+
+    widths = []
+    real = joint.F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        widths.append(int(q.shape[-1]))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(joint.F, "scaled_dot_product_attention", spy)
+    pc.edit(sd3, "a red circle", "a blue circle", cross_steps=1.0, self_steps=1.0, seed=0, **RUN)
+    head_dim = sd3.transformer.config.attention_head_dim  # (F is patched globally: the text encoders' calls count too)
+    assert head_dim in widths and 2 * head_dim not in widths

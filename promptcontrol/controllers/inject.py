@@ -24,7 +24,7 @@ import torch
 
 from ..alignment import edit_rows
 from ..context import SessionView, StepContext
-from ..plan import IDENTITY, AttentionPlan, AttentionTerm, on_device
+from ..plan import IDENTITY, AttentionPlan, AttentionTerm, row_index
 from ..schedule import WindowLike, site_filter, window
 from ..sites import AttentionSite
 from .base import Controller
@@ -113,7 +113,7 @@ class InjectSelf(Controller):
         rows = torch.arange(ctx.batch_size)
         for row, source_row in pairs:
             rows[row] = source_row
-        self._plan = AttentionPlan((AttentionTerm(qk_rows=on_device(rows, self._device)),))
+        self._plan = AttentionPlan((AttentionTerm(qk_rows=row_index(rows, self._device)),))
 
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
         if self._plan.is_identity or not self._at_site(site):

@@ -30,7 +30,7 @@ import torch
 
 from ..alignment import TokenMap, edit_rows, refine_map, replace_map
 from ..context import SessionView, StepContext
-from ..plan import IDENTITY, AttentionPlan, AttentionTerm, on_device
+from ..plan import IDENTITY, AttentionPlan, AttentionTerm, on_device, row_index
 from ..schedule import Schedule, ScheduleLike, schedule
 from ..sites import AttentionSite
 from ..tokens import PromptTokens, tokenize
@@ -69,7 +69,7 @@ def edit_plan(
     identity_map = bool((value_map == torch.eye(size)).all())
     all_ones = bool((first_scale == 1).all())
     first = AttentionTerm(  # built on the host, moved without a blocking copy
-        qk_rows=on_device(qk_rows, device),
+        qk_rows=row_index(qk_rows, device),
         value_scale=None if all_ones else on_device(first_scale, device),
         value_map=None if identity_map else on_device(value_map, device),
     )
