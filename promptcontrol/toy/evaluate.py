@@ -14,20 +14,23 @@ Pipeline of the measurement:
 
 The heat-map measurements (noun/adjective mIoU, own-object preference, edit layout IoU, weight
 monotonicity) reuse ``Generation`` (the image and its segments per caption object) and ``iou``; they add
-fields to ``TruthReport``, which prints every measured row in ``table()`` with issue 16's targets. The map
+fields to ``TruthReport`` (:mod:`promptcontrol.toy.report`), which prints every measured row in ``table()`` with issue 16's targets. The map
 sites are a rule (``map_sites``, default :data:`_best_sites`, by place and level); ``by_level`` adds the
 maps of each recorded (place, level) alone. The local-blend part (``blend``) is in
 :mod:`promptcontrol.toy.blend_truth`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from . import world
-from .blend_truth import BlendTruth, blend_rows, blend_truth
+from .blend_truth import blend_truth
+from .report import TruthReport  # noqa: F401 (callers import it from here)
+from .results import CaptionAccuracy, EditTruth, HeatmapTruth, LevelMaps, WeightTruth
+from .results import PairedMargin, paired_margin  # noqa: F401 (callers import them from here)
 from .segment import PALETTE_NAMES, Segment, iou, palette_labels, segment
 from .segment import classify_shape, prototype  # noqa: F401 (callers import them from here)
 
@@ -81,20 +84,6 @@ def generate(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 2
 
 
 # --------------------------------------------------------------------------- caption accuracy
-
-
-@dataclass
-class CaptionAccuracy:
-    """Shares of the captions' objects drawn right; counts say how many claims each share is over."""
-
-    colour: float
-    shape: float
-    position: float
-    all_correct: float  # share of images where every claim of the caption holds
-    extra: float  # share of images showing a colour blob the caption does not name
-    n_images: int
-    n_objects: int
-    n_positions: int
 
 
 def caption_accuracy(gens: list[Generation]) -> CaptionAccuracy:
@@ -166,17 +155,6 @@ def _occurrence(words: list[str], index: int) -> int:
     return words[:index + 1].count(words[index])
 
 
-@dataclass
-class HeatmapTruth:
-    """Heat-map truth: mIoU of noun / adjective regions with the drawn object; own-object preference."""
-
-    noun_miou: float
-    adjective_miou: float
-    own_object: float  # share of words of two-object captions whose map is higher on their own object
-    n_objects: int
-    n_words_two_objects: int
-
-
 @torch.no_grad()
 def traced_generations(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
                        guidance_scale: float = 7.5):
@@ -216,16 +194,6 @@ def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: in
     return score_maps(gens, [tr.heatmaps(k, sites=sites) for k in range(len(gens))], threshold)
 
 
-@dataclass
-class LevelMaps:
-    """The map scores of one (place, level) of the recorded cross-attention sites alone."""
-
-    place: str
-    level: int
-    sites: int  # how many recorded sites that (place, level) holds
-    truth: HeatmapTruth
-
-
 def recorded_place_levels(tr) -> list[tuple[tuple[str, int], int]]:
     """``[((place, level), number of sites)]`` of the cross-attention sites a trace recorded: down, mid, up,
     each from level 0 (the full latent grid) up."""
@@ -245,54 +213,6 @@ def maps_by_level(gens: list[Generation], tr, threshold: float = HEAT_THRESHOLD)
         maps = [tr.heatmaps(k, sites=rule) for k in range(len(gens))]
         out.append(LevelMaps(place, level, n, score_maps(gens, maps, threshold)))
     return out
-
-
-@dataclass(frozen=True)
-class PairedMargin:
-    """Paired differences a − b over n items: their mean, sample standard deviation (n − 1; nan for n < 2) and
-    how many items a wins (a > b)."""
-
-    mean: float
-    sd: float
-    won: int
-    n: int
-
-
-def paired_margin(a, b) -> PairedMargin:
-    """:class:`PairedMargin` of per-item scores ``a`` over ``b`` (same length, paired by position)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired_margin needs two equal-length 1-d score lists, got shapes {a.shape} and {b.shape}")
-    if a.size == 0:
-        return PairedMargin(float("nan"), float("nan"), 0, 0)
-    d = a - b
-    sd = float(np.std(d, ddof=1)) if d.size > 1 else float("nan")
-    return PairedMargin(float(d.mean()), sd, int((d > 0).sum()), int(d.size))
-
-
-@dataclass
-class EditTruth:
-    """Colour swap: IoU of the swapped object's segment with the source's, with and without pc.edit's control."""
-
-    controlled: float  # mean IoU (0 where either segment is missing)
-    plain: float
-    recoloured_controlled: float  # share of swaps whose edited image shows the new colour's object
-    recoloured_plain: float
-    layout_controlled: float  # IoU of the whole foreground (non-background pixels), source vs edit
-    layout_plain: float
-    n_swaps: int
-    object_pairs: tuple[tuple[float, float], ...] = ()  # per swap: (controlled, plain) swapped-object IoU
-    layout_pairs: tuple[tuple[float, float], ...] = ()  # per swap: (controlled, plain) layout IoU
-
-    @property
-    def layout_margin(self) -> PairedMargin:
-        """pc.edit's layout IoU minus the plain prompt change's, paired per swap."""
-        return paired_margin([c for c, _ in self.layout_pairs], [p for _, p in self.layout_pairs])
-
-    @property
-    def object_margin(self) -> PairedMargin:
-        """pc.edit's swapped-object IoU minus the plain prompt change's, paired per swap."""
-        return paired_margin([c for c, _ in self.object_pairs], [p for _, p in self.object_pairs])
 
 
 def swap_prompts(samples: list[world.Sample]) -> list[tuple[str, str, str, str]]:
@@ -334,22 +254,6 @@ MONO_TOL = 0.02
 MONO_RISE = 0.05
 
 
-@dataclass
-class WeightTruth:
-    """Colour weighting: share of the object's pixels in the weighted colour, per weight (mean over prompts)."""
-
-    weights: tuple[float, ...]
-    shares: tuple[float, ...]  # mean share at each weight
-    monotonic: float  # share of prompts whose shares rise (non-decreasing, last > first)
-    n_prompts: int
-    mode: str = "attention"  # pc.generate's reweighting mode
-
-    @property
-    def rise(self) -> float:
-        """Mean share at the highest weight minus at the lowest."""
-        return self.shares[-1] - self.shares[0]
-
-
 def colour_share(image: np.ndarray, colour: str) -> float:
     """Share of the non-background pixels whose nearest palette colour is ``colour`` (0 when none)."""
     labels = palette_labels(image)
@@ -389,80 +293,7 @@ def weight_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int
     return WeightTruth(tuple(weights), tuple(float(x) for x in arr.mean(0)), float(np.mean(mono)), len(rows), mode)
 
 
-# --------------------------------------------------------------------------- the report
-
-
-@dataclass
-class TruthReport:
-    """Every measured number; each part fills its field, ``rows()`` lists them with issue 16's targets."""
-
-    caption: CaptionAccuracy | None = None
-    settings: dict = field(default_factory=dict)
-    heatmaps: HeatmapTruth | None = None
-    edits: EditTruth | None = None
-    weights: list[WeightTruth] | None = None  # one per mode of WEIGHT_MODES
-    blend: BlendTruth | None = None
-    maps_by_level: list[LevelMaps] | None = None  # with --maps-by-level: the maps of each (place, level) alone
-
-    def rows(self) -> list[tuple[str, float, str, str]]:
-        """(metric, value, target, counted over) for every measured number; targets are issue 16's."""
-        out = []
-        if self.caption is not None:
-            out += _caption_rows(self.caption)
-        if self.heatmaps is not None:
-            out += _map_rows(self.heatmaps)
-        for lm in self.maps_by_level or []:
-            out += [(f"noun map mIoU, {lm.place}@{lm.level} alone", lm.truth.noun_miou, "-",
-                     f"{lm.truth.n_objects} objects, {lm.sites} sites"),
-                    (f"adjective map mIoU, {lm.place}@{lm.level} alone", lm.truth.adjective_miou, "-",
-                     f"{lm.truth.n_objects} objects, {lm.sites} sites")]
-        if self.edits is not None:
-            out += _edit_rows(self.edits)
-        for w in self.weights or []:
-            out += [(f"colour share, {w.mode} w {k:g}", v, "rising", f"{w.n_prompts} prompts")
-                    for k, v in zip(w.weights, w.shares)]
-            out.append((f"rising monotonically, {w.mode}", w.monotonic, ">= 7/8", f"{w.n_prompts} prompts"))
-        if self.blend is not None:
-            out += blend_rows(self.blend)
-        return out
-
-    def table(self) -> str:
-        rows = self.rows()
-        mw = max([30] + [len(m) for m, *_ in rows])
-        tw = max([9] + [len(t) for _, _, t, _ in rows])
-        lines = [f"{'metric':<{mw}} {'value':>7}  {'target':<{tw}} over"]
-        lines += [f"{m:<{mw}} {v:>7.3f}  {t:<{tw}} {n}" for m, v, t, n in rows]
-        if self.settings:
-            lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-        return "\n".join(lines)
-
-
-def _caption_rows(c: CaptionAccuracy) -> list[tuple[str, float, str, str]]:
-    return [("colour accuracy", c.colour, ">= 0.97", f"{c.n_objects} objects"),
-            ("shape accuracy", c.shape, ">= 0.97", f"{c.n_objects} objects"),
-            ("position accuracy", c.position, ">= 0.97", f"{c.n_positions} named positions"),
-            ("whole caption right", c.all_correct, "-", f"{c.n_images} images"),
-            ("images with an extra colour", c.extra, "-", f"{c.n_images} images")]
-
-
-def _map_rows(h: HeatmapTruth) -> list[tuple[str, float, str, str]]:
-    return [("noun map mIoU", h.noun_miou, ">= 0.60", f"{h.n_objects} objects"),
-            ("adjective map mIoU", h.adjective_miou, ">= 0.50", f"{h.n_objects} objects"),
-            ("map prefers own object", h.own_object, ">= 0.95", f"{h.n_words_two_objects} words")]
-
-
-def _edit_rows(e: EditTruth) -> list[tuple[str, float, str, str]]:
-    n = f"{e.n_swaps} swaps"
-    lm, om = e.layout_margin, e.object_margin
-    return [("colour-swap layout IoU, pc.edit 0.8/0.4", e.layout_controlled, ">= 0.85", n),
-            ("colour-swap layout IoU, plain change", e.layout_plain, "< pc.edit", n),
-            ("layout IoU margin over plain (mean)", lm.mean, "> 0", f"paired, {lm.won} of {lm.n} swaps won"),
-            ("layout IoU margin over plain (sd)", lm.sd, "stated", f"{lm.n} per-swap differences"),
-            ("swap IoU, pc.edit 0.8/0.4", e.controlled, ">= 0.80", n),
-            ("swap IoU, plain prompt change", e.plain, "< pc.edit", n),
-            ("swap IoU margin over plain (mean)", om.mean, "-", f"paired, {om.won} of {om.n} won, sd {om.sd:.3f}"),
-            ("swap recoloured, pc.edit", e.recoloured_controlled, "-", n),
-            ("swap recoloured, plain change", e.recoloured_plain, "-", n)]
+# --------------------------------------------------------------------------- prompt sets and parts
 
 
 @dataclass(frozen=True)
