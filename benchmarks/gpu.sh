@@ -14,6 +14,7 @@
 #   2. python -m benchmarks.sync_check: every mode with torch.cuda.set_sync_debug_mode("error") inside each UNet
 #      call and sync counts over the whole call (tiny pipelines and SD 1.5 at 512²);
 #   3. the host-cost "dispatch" case, if benchmarks/run.py offers it (issue 19), else a line saying it is absent;
+#   (last) the SD3-medium architecture transformer, 24 blocks at 1024² fp16 (--only sd3 --gpu; issue 17 item 6);
 #   4. compiled (inductor, fullgraph) vs eager on SD 1.5 at 512²: stock, pass-through, reweight, Replace edit.
 #      Last, because compiling is the least predictable part: a time-out there loses only its own table.
 # Writes run-, sync-check-, compile- (and dispatch-) .md/.json and gpu.log. Under $OUT (the device tool brings
@@ -41,8 +42,9 @@ if ((DRY)); then  # this CPU: the venv runs, the local python3 installs (pure-Py
   SYNC=(--models tiny-sd15 tiny-sdxl --steps 2)
   DISPATCH=(--models tiny-sd15:64 --repeats 1)
   COMPILE=(--models tiny-sd15:64 --compile eager --repeats 1)  # dynamo tracing only: inductor is minutes here
+  SD3=(--tiny --repeats 1)
   #       part: cap  expected (seconds)
-  PLAN=(install:60:10 table:60:25 sync:45:15 dispatch:30:10 compile:90:35)
+  PLAN=(install:60:10 table:60:25 sync:45:15 dispatch:30:10 compile:90:35 sd3:45:10)
 else
   PY=${PYTHON:-python3}
   PIP_PY=${PIP_PYTHON:-$PY}
@@ -53,7 +55,8 @@ else
   SYNC=(--models tiny-sd15 tiny-sdxl sd15:512 --steps 3)
   DISPATCH=(--gpu)
   COMPILE=(--gpu --models sd15:512 --compile inductor --repeats 4)
-  PLAN=(install:60:15 table:180:120 sync:60:25 dispatch:45:20 compile:150:120)
+  SD3=(--gpu --repeats 3)  # the SD3-medium architecture, 24 blocks, 1024², fp16 (issue 17 item 6)
+  PLAN=(install:60:15 table:180:120 sync:60:25 dispatch:45:20 compile:150:120 sd3:120:60)
 fi
 COMPILE+=(--only stock pass-through reweight "edit: Replace + self injection,")  # eager and compiled of each
 
@@ -145,6 +148,8 @@ for table in tables:  # each mode's eager median over its compiled median, group
             print(f"  {e['median_s'] / c['median_s']:5.2f}x  {e['name']}  ->  {c['name']}")
 EOF
 fi
+
+part sd3 "$PY" -m benchmarks.run --only sd3 "${SD3[@]}" --out "$RESULTS/sd3"
 
 if [[ -n ${OUT:-} ]]; then  # the device tool brings back 8 files at most
   files=("$OUT"/*)
