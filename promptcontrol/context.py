@@ -111,7 +111,9 @@ class StepContext:
     run:       the captured pipeline-call info, when there is one
     run_id:    counts the pipeline runs of the session (1 for the first); changes exactly when a new run starts
     text_length: tokens of the text input of this call (``encoder_hidden_states.shape[1]``), or ``None``; Flux's
-               single-stream attention learns from it where the text ends in its ``[text | image]`` sequence
+               single-stream attention learns from it where the text ends in its ``[text | image]`` sequence.
+               Read as the pipeline passed it, before the controllers' ``transform_inputs``: concept tokens that
+               ConceptAttention appends come after it (the Flux processor adds their count)
 
     Nothing in the step path reads ``timestep`` (on CUDA, ``float`` of a device tensor waits for the GPU): the
     store keeps ``raw_timestep`` and converts when the recording is read; ``InversionGuidance`` reads it (it

@@ -81,7 +81,7 @@ class Trace:
 
     def concept_maps(self, image_index: int = 0, **options) -> ConceptMaps:
         """Output-space :class:`ConceptMaps` (ConceptAttention) of recorded image ``image_index``, one map per
-        concept given to ``pc.trace(pipe, concepts=[...])`` (SD3 / SD3.5; see docs/transformers.md, "Concept maps").
+        concept given to ``pc.trace(pipe, concepts=[...])`` (SD3 / SD3.5 and Flux.1; see docs/transformers.md, "Concept maps").
 
         Options: ``sites`` (a subset of the recorded joint sites, :func:`promptcontrol.schedule.site_filter`),
         ``concepts`` (a subset of the traced concepts), ``size``, ``interpolation`` (``"bicubic"`` default or
@@ -112,7 +112,7 @@ def trace(
 
     ``concepts``: a list of concept texts (or a :class:`~promptcontrol.controllers.concept.ConceptAttention` for
     its ``sites`` / ``steps`` / ``softmax`` options) whose output-space maps ``tr.concept_maps()`` gives afterwards
-    (SD3 / SD3.5 only; the image is unchanged).
+    (SD3 / SD3.5 and Flux.1; the image is unchanged).
     """
     unknown = sorted(set(options) - set(_STORE_OPTIONS))
     if unknown:

@@ -7,19 +7,23 @@ import pytest
 import torch
 
 import promptcontrol as pc
-from promptcontrol.testing_dit import tiny_pixart
+from promptcontrol.testing_dit import tiny_pixart, tiny_sana
 from promptcontrol.testing_flux import tiny_flux
 from promptcontrol.testing_sd3 import tiny_sd3
 
 SD3_RUN = dict(height=32, width=48, num_inference_steps=4, max_sequence_length=8, output_type="latent")
 PIXART_RUN = dict(height=24, width=32, num_inference_steps=4, max_sequence_length=16, output_type="latent",
                   use_resolution_binning=False)
+SANA_RUN = dict(height=32, width=64, num_inference_steps=4, max_sequence_length=16, output_type="latent",
+                complex_human_instruction=None,
+                use_resolution_binning=False)
 
 
 def _pipes():
     # (pipeline, call, blend threshold): the random models' word maps are nearly flat, so a threshold near 1 is
     # what leaves part of the image outside the mask (measured: PixArt 0.95 → 83 % inside, 0.98 → 42 %)
-    return {"sd3": (tiny_sd3(), SD3_RUN, 0.6), "pixart": (tiny_pixart(), PIXART_RUN, 0.98)}
+    return {"sd3": (tiny_sd3(), SD3_RUN, 0.6), "pixart": (tiny_pixart(), PIXART_RUN, 0.98),
+            "sana": (tiny_sana(), SANA_RUN, 0.98)}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def pipes():
     return _pipes()
 
 
-@pytest.mark.parametrize("which", ["sd3", "pixart"])
+@pytest.mark.parametrize("which", ["sd3", "pixart", "sana"])
 def test_blend_keeps_the_source_latents_outside_the_words_mask(pipes, which):
     pipe, run, threshold = pipes[which]
     pipe.set_progress_bar_config(disable=True)

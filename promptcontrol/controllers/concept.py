@@ -1,19 +1,26 @@
-"""Concept maps from the attention *output* (ConceptAttention, Helbling et al., ICML 2025) on SD3 / SD3.5.
+"""Concept maps from the attention *output* (ConceptAttention, Helbling et al., ICML 2025) on SD3 / SD3.5 and
+Flux.1.
 
 Each concept (a short text, e.g. ``"circle"``, ``"background"``; it need not be in the prompt) becomes ONE extra
 token of the text stream:
 
 1. **Encoding**: the concepts are encoded like the prompt, by the pipeline's own ``encode_prompt`` (each concept its
-   own prompt); a concept's token is the **mean** of its word tokens' features in the CLIP segment (positions
-   after the start token, before the end token), so a multi-token concept is one token of a word token's scale.
+   own prompt); a concept's token is the **mean** of its word tokens' features — SD3: in the CLIP segment
+   (positions after the start token, before the end token); Flux: in the T5 sequence (the joint attention's text
+   keys; positions before ``</s>``, encoded at ``max_sequence_length`` :func:`flux_sequence_length`) — so a
+   multi-token concept is one token of a word token's scale.
 2. **Carried through the blocks**: the ``C`` concept tokens are appended to ``encoder_hidden_states`` at the
    transformer's input (:meth:`ConceptAttention.transform_inputs`), so the text stream's own per-token ops
-   (``context_embedder``, ``norm1_context``, ``add_q/k/v_proj``, ``to_add_out``, ``ff_context``) act on them.
-3. **Masked**: at every joint site the processor (:mod:`promptcontrol.processors.joint`) splits them off: image
-   and text queries attend to ``[image | text]`` exactly as without concepts (so the image is unchanged), and the
-   concept queries attend to ``[image | concepts]`` (never to the prompt). The transformer's output is read from
-   the image tokens only, so nothing needs removing there (the last block, ``context_pre_only``, drops the text
-   stream, concepts included).
+   (``context_embedder``, ``norm1_context``, ``add_q/k/v_proj``, ``to_add_out``, ``ff_context``; on Flux's
+   single-stream blocks the block's ``norm``, ``to_q/k/v``, ``proj_mlp``, ``proj_out``) act on them. On Flux
+   ``txt_ids`` gets ``C`` rows of zeros, so the concepts' rotary positions are the text's (zeros: no rotation).
+3. **Masked**: at every joint site the processor (:mod:`promptcontrol.processors.joint`, and
+   :mod:`promptcontrol.processors.flux` for Flux's ``[prompt | concepts | image]`` sequences, double- and
+   single-stream) splits them off: image and text queries attend to ``[image | text]`` exactly as without concepts
+   (so the image is unchanged), and the concept queries attend to ``[image | concepts]`` (never to the prompt).
+   The transformer's output is read from the image tokens only, so nothing needs removing there (SD3's last
+   block, ``context_pre_only``, drops the text stream, concepts included; Flux's ``norm_out`` / ``proj_out`` see
+   the image tokens only).
 4. **Maps**: at each recorded joint site and step, the conditional rows' image attention outputs ``o_img``
    ``(Q_img, heads·d)`` and concept outputs ``o_c`` ``(C, heads·d)`` — both **before** ``to_out`` / ``to_add_out``
    — give ``softmax_c(o_img · o_cᵀ)`` ``(Q_img, C)`` (``softmax=False``: the raw dot products). The maps are the
@@ -21,6 +28,9 @@ token of the text stream:
    ``to_add_out``, (b) before them image and concept outputs are mixtures of the same value vectors, while after
    them they pass different matrices (``to_out`` vs ``to_add_out``), and (c) the reference implementation reads
    them there.
+
+Default sites: every joint block on SD3 (as the reference implementation); on Flux the last
+:data:`FLUX_DEFAULT_BLOCKS` double-stream blocks (the reference's ``layer_indices=range(15, 19)`` of Flux.1's 19).
 
 Memory: one running sum ``(images, Q_img, C)`` float32 per recorded site.
 """
@@ -43,15 +53,26 @@ from ..sites import AttentionSite, grid_from_length
 from .base import Controller
 
 _NOT_JOINT = (
-    "concept maps need joint attention (SD3 / SD3.5 MM-DiT blocks, where text and image tokens attend in one "
-    "softmax); {name} conditions the image by cross-attention only, so there is no text stream for concept tokens "
-    "to ride in. Use tr.heatmaps() (raw cross-attention maps of the prompt's words) instead"
+    "concept maps need joint attention (SD3 / SD3.5 MM-DiT blocks or Flux.1's double- and single-stream blocks, "
+    "where text and image tokens attend in one softmax); {name} conditions the image by cross-attention only, so "
+    "there is no text stream for concept tokens to ride in. Use tr.heatmaps() (raw cross-attention maps of the "
+    "prompt's words) instead"
 )
-_FLUX = (
-    "concept maps on {name} (Flux: [text | image] order, single-stream blocks) are not supported yet: the concept-"
-    "token path exists in SD3 / SD3.5's joint processor only (StableDiffusion3Pipeline). Use tr.heatmaps() for "
-    "the raw attention maps there"
+_NEXT_FLUX = (
+    "concept maps on {name} (Flux 2 / Flux 3) are not supported: their attention is another computation than "
+    "Flux.1's, which promptcontrol does not mirror. Concept maps work on SD3 / SD3.5 (StableDiffusion3Pipeline) "
+    "and Flux.1 (FluxPipeline)"
 )
+_LAYOUT = (
+    "concept maps on {name}: its joint-attention sites are neither SD3's ([image | text], double-stream) nor "
+    "Flux.1's ([text | image], double- and single-stream), or some of its text reaches the image by plain "
+    "cross-attention; the concept-token path exists for SD3 / SD3.5 and Flux.1 only. Use tr.heatmaps() there"
+)
+FLUX_DEFAULT_BLOCKS = 4
+"""Flux's default concept-map sites: the last this many double-stream blocks (ConceptAttention's reference code
+reads Flux.1's blocks 15-18 of 19 by default)."""
+FLUX_MAX_SEQUENCE_LENGTH = 512
+"""FluxPipeline's default ``max_sequence_length`` (the T5 sequence the concepts are encoded at, at most)."""
 
 
 def check_concepts(concepts: Any) -> tuple[str, ...]:
@@ -82,38 +103,97 @@ def check_concepts(concepts: Any) -> tuple[str, ...]:
     return tuple(c.strip() for c in concepts)
 
 
+def joint_layout(sites: list[AttentionSite]) -> str | None:
+    """``"sd3"`` (every joint site ``[image | text]``, double-stream), ``"flux"`` (every joint site ``[text |
+    image]``, double- or single-stream), or ``None`` (no joint site, or another / mixed layout)."""
+    joint = [s for s in sites if s.kind == "joint"]
+    if not joint:
+        return None
+    if all(s.text_keys == "after" and s.stream in (None, "double") for s in joint):
+        return "sd3"
+    if all(s.text_keys == "before" and s.stream in ("double", "single") for s in joint):
+        return "flux"
+    return None
+
+
 def refusal(sites: list[AttentionSite], name: str) -> str | None:
-    """Why a denoiser with these sites cannot carry concept tokens, or ``None`` (SD3 / SD3.5)."""
+    """Why a denoiser with these sites cannot carry concept tokens, or ``None`` (SD3 / SD3.5, Flux.1)."""
+    if name.startswith(("Flux2", "Flux3")):
+        return _NEXT_FLUX.format(name=name)
     texted = [s for s in sites if s.attends_text]
     joint = [s for s in texted if s.kind == "joint"]
     if not joint:
         return _NOT_JOINT.format(name=name)
-    if any(s.text_keys != "after" or s.stream not in (None, "double") for s in joint) or len(joint) != len(texted):
-        return _FLUX.format(name=name)
+    if joint_layout(sites) is None or len(joint) != len(texted):
+        return _LAYOUT.format(name=name)
     return None
 
 
-def word_positions(tokenizer, concept: str) -> list[int]:
+def default_sites(sites: list[AttentionSite], layout: str) -> list[AttentionSite]:
+    """The sites whose maps go into the mean by default: every joint site (SD3); the last
+    :data:`FLUX_DEFAULT_BLOCKS` double-stream blocks (Flux)."""
+    joint = [s for s in sites if s.kind == "joint"]
+    if layout != "flux":
+        return joint
+    double = sorted((s for s in joint if s.stream == "double"), key=lambda s: s.block)
+    return double[-FLUX_DEFAULT_BLOCKS:]
+
+
+def word_positions(tokenizer, concept: str, max_length: int | None = None) -> list[int]:
     """Positions of ``concept``'s word tokens in its own encoded prompt (no start / end / padding token)."""
-    ids = tokenizer(concept, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    length = max_length or tokenizer.model_max_length
+    ids = tokenizer(concept, truncation=True, max_length=length).input_ids
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     return [i for i, token in enumerate(ids) if token not in special]
 
 
-@torch.no_grad()
-def encode_concepts(pipe, concepts: Sequence[str], device, dtype) -> torch.Tensor:  # (C, D_text)
-    """One token per concept: the mean of its word tokens' features in the CLIP segment of ``pipe.encode_prompt``."""
-    embeds = pipe.encode_prompt(
-        prompt=list(concepts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=False,
-    )[0]  # (C, 77 + T5 tokens, D_text)
+def flux_sequence_length(tokenizer) -> int:
+    """The T5 length Flux concepts are encoded at: FluxPipeline's default ``max_sequence_length`` (512), or the
+    tokenizer's ``model_max_length`` where smaller."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return FLUX_MAX_SEQUENCE_LENGTH
+    return min(FLUX_MAX_SEQUENCE_LENGTH, limit)
+
+
+def mean_word_tokens(embeds: torch.Tensor, tokenizer, concepts: Sequence[str], max_length=None) -> torch.Tensor:
+    """One row per concept (C, D): the mean of ``embeds[c]`` (C, L, D) over concept c's word-token positions."""
     tokens = []
     for index, concept in enumerate(concepts):
-        positions = word_positions(pipe.tokenizer, concept)
+        positions = word_positions(tokenizer, concept, max_length)
         if not positions:
             raise ValueError(f"concept {concept!r} has no word tokens in the pipeline's tokenizer")
         tokens.append(embeds[index, positions].float().mean(dim=0))
-    return torch.stack(tokens).to(device=device, dtype=dtype)
+    return torch.stack(tokens)
+
+
+@torch.no_grad()
+def encode_concepts(pipe, concepts: Sequence[str], device, dtype, layout: str = "sd3") -> torch.Tensor:  # (C, D)
+    """One token per concept from ``pipe.encode_prompt``: the mean of its word tokens' features, in the CLIP
+    segment (SD3) or the T5 sequence (Flux)."""
+    if layout == "flux":
+        length = flux_sequence_length(pipe.tokenizer_2)
+        embeds = pipe.encode_prompt(
+            prompt=list(concepts), prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=length,
+        )[0]  # (C, length, D_text): T5
+        features = mean_word_tokens(embeds, pipe.tokenizer_2, concepts, length)
+    else:
+        embeds = pipe.encode_prompt(
+            prompt=list(concepts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )[0]  # (C, 77 + T5 tokens, D_text)
+        features = mean_word_tokens(embeds, pipe.tokenizer, concepts)
+    return features.to(device=device, dtype=dtype)
+
+
+def extended_text_ids(ids: torch.Tensor, count: int) -> torch.Tensor:
+    """Flux's ``txt_ids`` (K, 3) — or the deprecated (B, K, 3) — with ``count`` rows of zeros appended: the concept
+    tokens' rotary positions are the text's."""
+    tokens_dim = ids.ndim - 2
+    shape = list(ids.shape)
+    shape[tokens_dim] = count
+    return torch.cat([ids, ids.new_zeros(shape)], dim=tokens_dim)
 
 
 def concept_scores(
@@ -141,8 +221,10 @@ class ConceptAttention(Controller):
     """Concept tokens through the joint blocks, and their output-space maps (see the module docstring).
 
     concepts: the concept texts (distinct, non-empty; need not be in the prompt)
-    sites:    which joint sites' maps go into the mean (:func:`promptcontrol.schedule.site_filter`; default every
-              joint block, as the reference SD3 implementation); the concept tokens ride through every block anyway
+    sites:    which joint sites' maps go into the mean (:func:`promptcontrol.schedule.site_filter`; default
+              :func:`default_sites`: every joint block on SD3, the last four double-stream blocks on Flux, as the
+              reference implementation); the concept tokens ride through every block anyway (Flux: double- and
+              single-stream, so ``sites=`` may name single-stream blocks too)
     steps:    at which steps (:func:`promptcontrol.schedule.step_filter`; default every step); at other steps no
               concept token is appended (no extra cost)
     softmax:  ``True`` (default, as ConceptAttention): softmax over the concepts per pixel, site and step; ``False``:
@@ -164,6 +246,7 @@ class ConceptAttention(Controller):
         self.images: list[tuple[ConceptRun, int]] = []  # (run, slot) of every recorded image, in order
         self.sites: dict[str, AttentionSite] = {}
         self.scale_factor = 8
+        self.layout = "sd3"  # or "flux", from the denoiser's sites at bind
         self._run_key: object = None
         self._current: ConceptRun | None = None
         self._rows: tuple[int, ...] = ()
@@ -181,18 +264,23 @@ class ConceptAttention(Controller):
         others = [c for c in session.controllers if getattr(c, "carries_concepts", False) and c is not self]
         if others:
             raise ValueError("one ConceptAttention per session: put every concept into one list")
+        self.layout = joint_layout(list(session.sites))
         pipe = session.pipe
         encodes = pipe is not None and callable(getattr(pipe, "encode_prompt", None))
-        if not encodes or getattr(pipe, "tokenizer", None) is None:
+        tokenizer = "tokenizer_2" if self.layout == "flux" else "tokenizer"
+        if not encodes or getattr(pipe, tokenizer, None) is None:
             raise ValueError(
                 "concept maps need the pipeline (its text encoders encode the concepts): pass the "
-                "StableDiffusion3Pipeline to pc.trace / pc.control, not the bare transformer"
+                "StableDiffusion3Pipeline / FluxPipeline to pc.trace / pc.control, not the bare transformer"
             )
-        self.sites = {s.key: s for s in session.sites if s.kind == "joint" and self._at_site(s)}
+        chosen = default_sites(list(session.sites), self.layout) if self.site_spec is None else [
+            s for s in session.sites if s.kind == "joint" and self._at_site(s)
+        ]
+        self.sites = {s.key: s for s in chosen}
         if not self.sites:
             raise ValueError(f"ConceptAttention(sites={self.site_spec!r}) selects no joint-attention site")
         model = session.unet
-        self.features = encode_concepts(pipe, self.concepts, model.device, model.dtype)
+        self.features = encode_concepts(pipe, self.concepts, model.device, model.dtype, self.layout)
         factor = getattr(pipe, "vae_scale_factor", None)
         if isinstance(factor, int) and factor > 0:
             self.scale_factor = factor
@@ -230,7 +318,8 @@ class ConceptAttention(Controller):
         self._carrying = None
 
     def transform_inputs(self, ctx: StepContext, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Append the ``C`` concept tokens to ``encoder_hidden_states`` ``(B, K, D) -> (B, K + C, D)``."""
+        """Append the ``C`` concept tokens to ``encoder_hidden_states`` ``(B, K, D) -> (B, K + C, D)`` (Flux: and
+        ``C`` zero rows to ``txt_ids`` ``(K, 3) -> (K + C, 3)``)."""
         if self._carrying != (ctx.run_id, ctx.index):
             return inputs
         text = inputs.get("encoder_hidden_states")
@@ -238,7 +327,16 @@ class ConceptAttention(Controller):
             raise ValueError("concept maps need the transformer's encoder_hidden_states (B, K, D) at every step")
         extra = self.features.to(device=text.device, dtype=text.dtype)  # (C, D)
         extra = extra[None].expand(text.shape[0], -1, -1)  # (B, C, D)
-        return {**inputs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}
+        changed = {**inputs, "encoder_hidden_states": torch.cat([text, extra], dim=1)}
+        if self.layout == "flux":
+            ids = inputs.get("txt_ids")
+            if not isinstance(ids, torch.Tensor) or ids.ndim not in (2, 3):
+                raise ValueError(
+                    "concept maps on Flux need the transformer's txt_ids (K, 3) at every step (the concept tokens' "
+                    "rotary positions extend them); call the transformer as FluxPipeline does"
+                )
+            changed["txt_ids"] = extended_text_ids(ids, len(self.concepts))
+        return changed
 
     # ---- the processor's side ------------------------------------------------------------------------------
     def concept_tokens(self, ctx: StepContext | None) -> int:

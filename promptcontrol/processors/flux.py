@@ -22,6 +22,16 @@ the plain call. Recorders get image-query × text-key probabilities with joint.p
 
 With no plan and no recorder at a step the processor makes the stock call, ``dispatch_attention_fn`` with the
 backend the user set (``model.set_attention_backend``), so pass-through output is the stock output.
+
+Concept tokens (:class:`~promptcontrol.controllers.concept.ConceptAttention`): when it appended ``C`` tokens to
+the text at this step, both block kinds see ``[prompt | concepts | image]`` (the concepts' rotary positions are
+zeros, as the text's). Double-stream blocks know the whole text length from ``encoder_hidden_states``;
+single-stream blocks add ``C`` to ``StepContext.text_length`` (read from the pipeline's call, before the concepts
+were appended). The processor cuts the concepts out: the prompt's image and text queries run the path above over
+``[prompt | image]`` (stock, plans, recorders: exactly as without concepts), the concept queries attend to
+``[image | concepts]`` (joint.py's ``concept_attention``), the concept controllers get the image and concept
+outputs, and the concept outputs go back to their place in the sequence (to ``to_add_out`` in double-stream
+blocks, to the block's ``proj_out`` in single-stream ones).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from ..context import SessionView
 from ..controllers.base import Controller
 from ..plan import IDENTITY
 from ..sites import AttentionSite
-from .joint import ControlledJointAttnProcessor, image_rows_of, run_joint_plan
+from .joint import ControlledJointAttnProcessor, concept_attention, image_rows_of, run_joint_plan
 
 FLUX_NAMES = frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0", "FusedFluxAttnProcessor2_0"})
 """Stock processors this one mirrors (the ``*2_0`` names are 0.42's deprecated aliases, which build a
@@ -99,9 +109,10 @@ class ControlledFluxAttnProcessor(ControlledJointAttnProcessor):
             parallel_config=self._parallel_config,
         )
 
-    def _text_length(self, encoder_hidden_states, ctx) -> int:
-        """Where the text ends in the ``[text | image]`` sequence: the text input's length in double-stream
-        blocks; the transformer call's ``encoder_hidden_states`` length (the step context) in single-stream ones."""
+    def _text_length(self, encoder_hidden_states, ctx, concepts: int = 0) -> int:
+        """Where the text (prompt and ``concepts`` concept tokens) ends in the ``[text | image]`` sequence: the
+        text input's length in double-stream blocks; the transformer call's ``encoder_hidden_states`` length (the
+        step context, read before the concepts were appended) plus ``concepts`` in single-stream ones."""
         if encoder_hidden_states is not None:
             return int(encoder_hidden_states.shape[1])
         length = getattr(ctx, "text_length", None)
@@ -112,7 +123,13 @@ class ControlledFluxAttnProcessor(ControlledJointAttnProcessor):
                 "transformer as FluxPipeline does (encoder_hidden_states=...) or exclude single-stream sites with "
                 "sites=lambda s: s.stream != 'single'"
             )
-        return int(length)
+        return int(length) + concepts
+
+    def _concept_count(self, ctx) -> int:
+        """How many concept tokens sit at the end of the text at this step (0: none, or no concept controller)."""
+        if not self.concept_carriers:
+            return 0
+        return max(c.concept_tokens(ctx) for c in self.concept_carriers)
 
     def _plans(self, ctx):
         """(image → text plan, image → image plan, recorders) of this site at this step."""
@@ -127,10 +144,46 @@ class ControlledFluxAttnProcessor(ControlledJointAttnProcessor):
 
     def _attend(self, query, key, value, attention_mask, n_txt_of):
         """Attention output (B, N, heads, d) of the ``[text | image]`` sequence under the controllers' plans;
-        ``n_txt_of(ctx)`` gives the text length."""
+        ``n_txt_of(ctx, concepts)`` gives the text length (prompt and concept tokens)."""
         ctx = self.session.context
         if ctx is None or not self.controllers:
             return self._stock(query, key, value, attention_mask)
+        concepts = self._concept_count(ctx)
+        if concepts:
+            n_text = n_txt_of(ctx, concepts)
+            return self._attend_with_concepts(query, key, value, attention_mask, n_text, concepts, ctx)
+        return self._attend_prompt(query, key, value, attention_mask, lambda: n_txt_of(ctx, 0), ctx)
+
+    def _attend_with_concepts(self, query, key, value, attention_mask, n_text: int, count: int, ctx):
+        """``[prompt | concepts | image]`` (B, N, heads, d): the prompt's attention over ``[prompt | image]`` and
+        the concept queries' over ``[image | concepts]``, the outputs put back in sequence order."""
+        if attention_mask is not None:
+            raise NotImplementedError(
+                f"{self.site.module_path}: this Flux call passes an attention mask, which concept maps do not take "
+                "yet (the mask would have to cover the concept tokens); call without one"
+            )
+        n = n_text - count  # prompt tokens
+        if n <= 0:
+            raise ValueError(f"{self.site.module_path}: {count} concept tokens but only {n_text} text tokens")
+
+        def prompt_and_image(t):  # (B, N, heads, d) -> (B, N - C, heads, d)
+            return torch.cat([t[:, :n], t[:, n_text:]], dim=1)
+
+        out = self._attend_prompt(
+            prompt_and_image(query), prompt_and_image(key), prompt_and_image(value), None, lambda: n, ctx
+        )  # (B, n + Q, heads, d)
+        q_c, k_c, v_c = (t[:, n:n_text].transpose(1, 2) for t in (query, key, value))  # (B, heads, C, d)
+        k_img, v_img = (t[:, n_text:].transpose(1, 2) for t in (key, value))  # (B, heads, Q, d)
+        out_c = concept_attention(q_c, k_img, v_img, k_c, v_c).transpose(1, 2).to(out.dtype)  # (B, C, heads, d)
+        out_img = out[:, n:]  # (B, Q, heads, d)
+        for carrier in self.concept_carriers:
+            if carrier.wants_concepts(self.site, ctx):
+                carrier.record_concepts(self.site, ctx, out_img.transpose(1, 2), out_c.transpose(1, 2))
+        return torch.cat([out[:, :n], out_c, out_img], dim=1)
+
+    def _attend_prompt(self, query, key, value, attention_mask, n_txt_of, ctx):
+        """Attention output (B, N, heads, d) of a ``[prompt | image]`` sequence under the controllers' plans;
+        ``n_txt_of()`` gives the prompt's length (asked only where a plan or recorder needs it)."""
         plan, image_plan, recorders = self._plans(ctx)
         if plan.is_identity and image_plan.is_identity and not recorders:
             return self._stock(query, key, value, attention_mask)
@@ -139,7 +192,7 @@ class ControlledFluxAttnProcessor(ControlledJointAttnProcessor):
                 f"{self.site.module_path}: this Flux call passes an attention mask, which promptcontrol's plans and "
                 "recordings on Flux attention do not take yet; call without one, or exclude the site"
             )
-        n_txt = n_txt_of(ctx)
+        n_txt = n_txt_of()
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, N, d), text first
         (q_txt, q_img), (k_txt, k_img), (v_txt, v_img) = (split_text_first(t, n_txt) for t in (q, k, v))
         if recorders:
@@ -178,8 +231,8 @@ class ControlledFluxAttnProcessor(ControlledJointAttnProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        def n_txt_of(ctx):
-            return self._text_length(encoder_hidden_states, ctx)
+        def n_txt_of(ctx, concepts):
+            return self._text_length(encoder_hidden_states, ctx, concepts)
 
         hidden_states = self._attend(query, key, value, attention_mask, n_txt_of)
         hidden_states = hidden_states.flatten(2, 3)
