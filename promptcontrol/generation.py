@@ -26,7 +26,7 @@ from .controllers.prompt_schedule import PromptSchedule
 from .controllers.reweight import MODES, Reweight
 from .prompt_syntax import ParsedPrompt, parse_prompt
 from .session import control
-from .tokens import word_tokenizer
+from .tokens import text_key_weights, word_tokenizer
 
 
 def _default_steps(pipe) -> int:
@@ -62,7 +62,7 @@ def _check_weights_for_mode(parsed: ParsedPrompt, mode: str) -> None:
             )
 
 
-def _parse_negative(negative: Any, compel: bool, tokenizer, mode: str) -> tuple[Any, list[dict[int, float]] | None]:
+def _parse_negative(negative: Any, compel: bool, tokenizer, mode: str, max_sequence_length=None) -> tuple[Any, list[dict[int, float]] | None]:
     """(plain negative prompt(s) for the pipeline, token weights per negative prompt or ``None`` when unweighted).
 
     Weights act on the unconditional rows, as A1111 weights its negative prompt. Prompt editing in a negative
@@ -76,7 +76,7 @@ def _parse_negative(negative: Any, compel: bool, tokenizer, mode: str) -> tuple[
     for p in parsed:
         _check_weights_for_mode(p, mode)
     plain = [p.prompt for p in parsed]
-    weights = [p.token_weights(tokenizer) for p in parsed]
+    weights = [text_key_weights(tokenizer, p.token_weights, max_sequence_length) for p in parsed]
     return (plain[0] if isinstance(negative, str) else plain), (weights if any(weights) else None)
 
 
@@ -141,7 +141,7 @@ def generate(
         raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
     if seed is not None and pipe_kwargs.get("generator") is None:
         pipe_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
-    negative_plain, negative_weights = _parse_negative(negative_prompt, compel, tokenizer, mode)
+    negative_plain, negative_weights = _parse_negative(negative_prompt, compel, tokenizer, mode, pipe_kwargs.get("max_sequence_length"))
     if negative_plain is not None:  # else the pipeline's own default ("" on PixArt / Sana, None on SD)
         pipe_kwargs["negative_prompt"] = negative_plain
 
@@ -152,7 +152,7 @@ def generate(
         key = (p.prompt, p.spans)
         if key not in weights_cache:
             _check_weights_for_mode(p, mode)
-            weights_cache[key] = p.token_weights(tokenizer)
+            weights_cache[key] = text_key_weights(tokenizer, p.token_weights, pipe_kwargs.get("max_sequence_length"))
         return weights_cache[key]
 
     if any(p.is_scheduled for p in parsed):

@@ -15,7 +15,8 @@ Pictures and files come from :mod:`promptcontrol.images`. How a word's map is ma
    sum to 1 (DAAM 0.2's (site, head) mean is ``{level: heads summed over the level's sites}``).
 4. **Word**: the sum of the maps of its token positions (a multi-token word is the union of its pieces, a phrase
    of its words, a repeated word of all its occurrences unless ``occurrence=`` picks one); each token is
-   upsampled on its own, so a word's map is exactly the sum of its tokens' maps.
+   upsampled on its own, so a word's map is exactly the sum of its tokens' maps. SD3 with a T5 encoder: its
+   tokens in both text segments (CLIP's and T5's) by default; ``segment="clip" | "t5" | "both"`` picks.
 5. **Upsampling**: ``F.interpolate(..., align_corners=False)`` to the image's pixel size (any aspect),
    ``interpolation="bicubic"`` (default, as DAAM; each token map clamped at 0) or ``"bilinear"`` (a convex mix).
 6. **Normalisation** ``normalize=``: ``"word"`` (default, each map min-max scaled on its own), ``"global"`` (all
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from . import images
 from .recording import Recording, fold_place_level, truncation_message  # noqa: F401 (truncation_message: its old home)
 from .sites import AttentionSite
-from .tokens import PromptTokens, Word
+from .tokens import SEGMENTS, PromptTokens, SegmentedTokens, Word, no_t5_message
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -455,6 +456,32 @@ def _chosen_sites(recording: Recording, sites: Any) -> list[AttentionSite]:
     return chosen
 
 
+def _zero_t5_segment(recording: Recording, tokens: PromptTokens) -> bool:
+    """Whether the recording's text keys are SD3's [CLIP | T5] with one tokenizer's words: joint sites with the
+    text after the image and more keys than the tokenizer's (the T5 segment: zeros, no T5 encoder loaded)."""
+    joint = bool(recording.sites) and all(s.kind == "joint" and s.text_keys == "after" for s in recording.sites)
+    return joint and bool(recording.sums) and recording.num_tokens > tokens.max_length
+
+
+def pick_segment(recording: Recording, tokens: PromptTokens, segment: str | None) -> PromptTokens:
+    """The tokens whose maps make the words under ``segment=`` (SD3): ``"both"`` (default with a T5 encoder),
+    ``"clip"`` (default without one) or ``"t5"``; ``None`` is the default. Other backbones take ``None`` only."""
+    if segment is not None and segment not in SEGMENTS:
+        raise ValueError(f"segment must be one of {SEGMENTS} or None (the default); got {segment!r}")
+    if isinstance(tokens, SegmentedTokens):
+        return tokens if segment in (None, "both") else tokens.only(segment)
+    if segment is None:
+        return tokens
+    if _zero_t5_segment(recording, tokens):
+        if segment == "clip":
+            return tokens
+        raise ValueError(no_t5_message(f"heatmaps(segment={segment!r})"))
+    raise ValueError(
+        f"segment={segment!r} picks a segment of SD3's text keys (CLIP | T5); this recording's text keys are one "
+        "tokenizer's tokens: leave segment out"
+    )
+
+
 def build_heatmaps(
     recording: Recording,
     *,
@@ -469,6 +496,7 @@ def build_heatmaps(
     normalize: str | None = "word",
     places: Iterable[str] | None = None,
     levels: Iterable[int] | None = None,
+    segment: str | None = None,
 ) -> HeatMaps:
     """The :class:`HeatMaps` of one recorded image, from its :class:`Recording` alone (see the module docstring).
 
@@ -479,9 +507,12 @@ def build_heatmaps(
     ``levels``: the old spelling of ``sites={"places": ..., "levels": ...}`` (``DeprecationWarning``).
     ``size``: output (height, width) or one int for a square; default the image's pixel size (latent size × the
     VAE's scale factor).
+    ``segment`` (SD3): which text segment a word's map sums — ``"both"`` (default when a T5 encoder is loaded: its
+    CLIP and its T5 tokens), ``"clip"`` (default without T5) or ``"t5"`` (an error without a T5 encoder: that
+    segment is zeros); see :func:`pick_segment`.
     """
     _check(interpolation=interpolation, normalize=normalize)
-    tokens = recording.prompt_tokens(prompt, tokenizer, stacklevel=3)
+    tokens = pick_segment(recording, recording.prompt_tokens(prompt, tokenizer, stacklevel=3), segment)
     sites = fold_place_level(sites, places, levels, "heatmaps", stacklevel=3)
     chosen = _chosen_sites(recording, sites)
     steps = None if steps is None else recording.select_steps(steps, stacklevel=3)

@@ -29,7 +29,7 @@ import torch
 from .context import BatchLayout, StepContext
 from .schedule import site_filter, step_filter
 from .sites import AttentionSite
-from .tokens import PromptTokens, tokenize
+from .tokens import PromptTokens, SegmentedTokenizer, tokenize
 
 PER_STEP = (None, "site", "level")
 _ONE_ROW = BatchLayout(cond_rows=(0,), uncond_rows=(), prompt_of_row=(0,), image_of_row=(0,))
@@ -173,8 +173,9 @@ class Recording:
 
     def prompt_tokens(self, prompt: str | None = None, tokenizer: Any = None, stacklevel: int = 2) -> PromptTokens:
         """The tokens the word maps follow: the image's prompt (or ``prompt``, the text embeddings were made from)
-        by its tokenizer (or ``tokenizer``). Warns when the token limit cut words and when SDXL's ``prompt_2``
-        differed; ``stacklevel`` counts from the caller of this method."""
+        by its tokenizer (or ``tokenizer``); on SD3 with T5 (a :class:`~promptcontrol.tokens.SegmentedTokenizer`)
+        both segments, the T5 one as long as the recorded keys leave it. Warns when the token limit cut words (per
+        segment) and when SDXL's ``prompt_2`` differed; ``stacklevel`` counts from the caller of this method."""
         text = prompt if prompt is not None else self.prompt
         if text is None:
             raise ValueError(
@@ -184,9 +185,16 @@ class Recording:
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is None:
             raise ValueError("no tokenizer: pass heatmaps(tokenizer=...) (a bare UNet session has none of its own)")
-        tokens = tokenize(tokenizer, text, max_length=self._text_length())
-        if tokens.truncated:
-            warnings.warn(truncation_message(tokens), stacklevel=stacklevel + 1)
+        if isinstance(tokenizer, SegmentedTokenizer):  # SD3 with T5: [CLIP 77 | T5 max_sequence_length] keys
+            tokens = tokenizer.tokenize(text, text_length=self.num_tokens if self.sums else None)
+            for segment in tokens.segments:
+                if segment.tokens.truncated:
+                    message = truncation_message(segment.tokens)
+                    warnings.warn(f"{segment.name} segment: {message}", stacklevel=stacklevel + 1)
+        else:
+            tokens = tokenize(tokenizer, text, max_length=self._text_length())
+            if tokens.truncated:
+                warnings.warn(truncation_message(tokens), stacklevel=stacklevel + 1)
         if self.prompt_2 is not None and prompt is None and self.prompt_2 != self.prompt:
             warnings.warn(
                 "this SDXL image had a different prompt_2; its token positions mix both prompts, and the word maps "

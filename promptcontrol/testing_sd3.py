@@ -1,8 +1,9 @@
 """A tiny offline SD3 pipeline for tests and examples: the SD3 / SD3.5 architecture, seeded, no network.
 
 ``tiny_sd3()`` is a ``StableDiffusion3Pipeline`` with two tiny CLIP text encoders (``CLIPTextModelWithProjection``)
-sharing the package's copy of the real CLIP tokenizer, no T5 (``text_encoder_3 = tokenizer_3 = None``, a
-configuration SD3 supports: its T5 segment is then zeros of ``max_sequence_length`` tokens), a tiny
+sharing the package's copy of the real CLIP tokenizer, no T5 by default (``text_encoder_3 = tokenizer_3 = None``, a
+configuration SD3 supports: its T5 segment is then zeros of ``max_sequence_length`` tokens; ``t5=True`` loads a
+tiny ``T5EncoderModel`` with the package's T5-format tokenizer), a tiny
 ``AutoencoderKL`` with 16 latent channels and a ``FlowMatchEulerDiscreteScheduler``. Its pictures are noise; word ↔
 token alignment is real. ``dual`` lists the blocks with SD3.5's second (image-only) attention; qk-norm is on.
 """
@@ -58,12 +59,23 @@ def tiny_sd3_transformer(
     ).eval()
 
 
-def tiny_sd3(*, dual: tuple[int, ...] = (0,), layers: int = 3, seed: int = 0):
+def tiny_t5(width: int = 32, seed: int = 4):
+    """(``text_encoder_3``, ``tokenizer_3``): a 1-layer random ``T5EncoderModel`` of ``width`` (SD3's
+    ``joint_attention_dim``) and the package's tiny T5-format tokenizer (offline)."""
+    from .testing_dit import _t5_encoder, t5_tokenizer
+
+    tokenizer = t5_tokenizer()
+    return _t5_encoder(len(tokenizer), width, seed), tokenizer
+
+
+def tiny_sd3(*, dual: tuple[int, ...] = (0,), layers: int = 3, seed: int = 0, t5: bool = False):
     """A ``StableDiffusion3Pipeline`` of tiny random parts (CPU, float32); 16 latent channels, vae factor 2, so a
-    32×32 image is a 16×16 latent and an 8×8 grid of image tokens."""
+    32×32 image is a 16×16 latent and an 8×8 grid of image tokens. ``t5=True`` loads a tiny T5 encoder and the
+    T5-format tokenizer as ``text_encoder_3`` / ``tokenizer_3`` (text keys [CLIP 77 | T5 max_sequence_length])."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     tokenizer = clip_tokenizer()
+    text_encoder_3, tokenizer_3 = tiny_t5(32, seed + 4) if t5 else (None, None)
     # CLIP hidden sizes 8 + 8 = 16 <= joint_attention_dim (SD3 pads the CLIP features up to the T5 width);
     # pooled projections 8 + 8 = pooled_projection_dim.
     pipe = StableDiffusion3Pipeline(
@@ -74,8 +86,8 @@ def tiny_sd3(*, dual: tuple[int, ...] = (0,), layers: int = 3, seed: int = 0):
         tokenizer=tokenizer,
         text_encoder_2=_clip(8, 8, seed + 3),
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

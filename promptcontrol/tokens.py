@@ -11,6 +11,11 @@ reported as truncated.
 
 SDXL: both text encoders tokenize the prompt with the same byte-pair vocabulary and their features are
 concatenated along the feature axis, so token positions (and therefore word positions) are shared.
+
+SD3 with its T5 encoder: the text keys are two segments, CLIP's 77 tokens then T5's ``max_sequence_length``
+(``tokenizer_3``, cut as the pipeline cuts it). :class:`SegmentedTokenizer` tokenizes both and
+:class:`SegmentedTokens` holds the layout: a word's positions are its CLIP positions and its T5 positions + 77.
+Without T5 the segment is zeros (no words).
 """
 
 from __future__ import annotations
@@ -166,9 +171,168 @@ def tokenize(tokenizer, prompt: str, max_length: int | None = None) -> PromptTok
 def word_tokenizer(pipe):
     """The tokenizer whose tokens a pipeline's denoiser attends to as text keys: ``tokenizer_2`` (T5) on Flux
     pipelines (a transformer with single-stream blocks; their CLIP ``tokenizer`` gives only the pooled vector),
-    ``tokenizer`` elsewhere; ``None`` without a pipeline."""
+    a :class:`SegmentedTokenizer` of ``tokenizer`` and ``tokenizer_3`` on SD3 with its T5 encoder loaded (text keys
+    [CLIP 77 | T5]), ``tokenizer`` elsewhere; ``None`` without a pipeline."""
     denoiser = getattr(pipe, "transformer", None)
     denoiser = getattr(denoiser, "_orig_mod", denoiser)
     if hasattr(denoiser, "single_transformer_blocks") and getattr(pipe, "tokenizer_2", None) is not None:
         return pipe.tokenizer_2
+    if t5_loaded(pipe) and getattr(pipe, "tokenizer", None) is not None:
+        return SegmentedTokenizer(pipe.tokenizer, pipe.tokenizer_3)
     return getattr(pipe, "tokenizer", None)
+
+
+# ---- SD3: text keys in two segments, CLIP's then T5's ---------------------------------------------------------
+SEGMENTS = ("clip", "t5", "both")
+"""The ``segment=`` choices of SD3's text keys: the CLIP segment, the T5 segment, or both."""
+SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+@dataclass(frozen=True)
+class TokenSegment:
+    """One tokenizer's part of the text keys: its name, its first key position, its own tokens (positions from 0)."""
+
+    name: str
+    offset: int
+    tokens: PromptTokens
+
+    @property
+    def end(self) -> int:
+        """One past the segment's last key position."""
+        return self.offset + self.tokens.max_length
+
+
+@dataclass(frozen=True)
+class SegmentedTokens(PromptTokens):
+    """A prompt over text keys made of several tokenizers' segments one after another (SD3 with T5: CLIP's 77
+    keys, then T5's ``max_sequence_length``).
+
+    ``words[i].tokens`` holds the word's positions in every segment (each segment's shifted by its offset);
+    ``truncated`` the words cut in any segment; ``max_length`` the whole text length; ``input_ids``,
+    ``prompt_start`` and ``end_count`` are the first segment's (the start token is position 0). The special
+    positions come from the segments: ``end_position`` is the first segment's end token, ``padding_positions``
+    every segment's padding. Padding is never part of a word.
+    """
+
+    segments: tuple[TokenSegment, ...] = ()
+
+    @property
+    def end_position(self) -> int:
+        first = self.segments[0]
+        return first.offset + first.tokens.end_position
+
+    @property
+    def start_position(self) -> int:
+        return self.segments[0].offset
+
+    @property
+    def padding_positions(self) -> tuple[int, ...]:
+        return tuple(s.offset + p for s in self.segments for p in s.tokens.padding_positions)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The segments' names, in key order."""
+        return tuple(s.name for s in self.segments)
+
+    def only(self, name: str) -> "SegmentedTokens":
+        """The same prompt with one segment's token positions alone (positions still index the whole text keys)."""
+        chosen = [s for s in self.segments if s.name == name]
+        if not chosen:
+            raise ValueError(f"no {name!r} segment in these text keys; they hold {', '.join(map(repr, self.names))}")
+        return join_segments(self.prompt, tuple(chosen), self.max_length)
+
+
+def join_segments(prompt: str, segments: tuple[TokenSegment, ...], length: int) -> SegmentedTokens:
+    """One :class:`SegmentedTokens` from segments of one prompt (each tokenized by :func:`tokenize`)."""
+    words = []
+    for parts in zip(*(s.tokens.words for s in segments)):  # the same words: one pattern over one NFC prompt
+        positions = tuple(s.offset + p for s, word in zip(segments, parts) for p in word.tokens)
+        first = parts[0]
+        words.append(Word(first.text, first.index, first.start, first.end, positions))
+    cut = {w.index for s in segments for w in s.tokens.truncated}
+    first = segments[0].tokens
+    return SegmentedTokens(
+        prompt, first.input_ids, tuple(words), tuple(w for w in words if w.index in cut), length,
+        first.prompt_start, first.end_count, segments,
+    )
+
+
+class SegmentedTokenizer:
+    """SD3's two tokenizers as the text keys see them: ``clip`` (77 keys), then ``t5`` (the call's
+    ``max_sequence_length`` keys).
+
+    Anywhere one tokenizer is asked for it acts as ``clip`` (calls and attributes go to it), so CLIP-only users
+    (prompt-to-prompt edits, the weight syntax, :func:`tokenize`) see SD3 as before; :meth:`tokenize` gives the
+    two-segment layout.
+    """
+
+    def __init__(self, clip, t5):
+        self.clip = clip
+        self.t5 = t5
+
+    def __call__(self, *args, **kwargs):
+        return self.clip(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("clip", "t5"):  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.clip, name)
+
+    def __len__(self) -> int:
+        return len(self.clip)
+
+    def __repr__(self) -> str:
+        return f"SegmentedTokenizer(clip={type(self.clip).__name__}, t5={type(self.t5).__name__})"
+
+    @property
+    def clip_length(self) -> int:
+        """Keys of the CLIP segment: the CLIP tokenizer's ``model_max_length`` (77)."""
+        return int(getattr(self.clip, "model_max_length", 77))
+
+    def tokenize(self, prompt: str, text_length: int | None = None) -> SegmentedTokens:
+        """``prompt`` over both segments; ``text_length``: all the text keys (77 + ``max_sequence_length``),
+        default 77 + 256 (SD3's default)."""
+        clip_length = self.clip_length
+        length = int(text_length) if text_length is not None else clip_length + SD3_T5_LENGTH
+        if length <= clip_length:
+            raise ValueError(
+                f"{length} text keys leave no T5 segment after CLIP's {clip_length}: SD3 with a T5 encoder has "
+                f"{clip_length} + max_sequence_length keys"
+            )
+        clip = tokenize(self.clip, prompt, max_length=clip_length)
+        t5 = tokenize(self.t5, prompt, max_length=length - clip_length)
+        return join_segments(clip.prompt, (TokenSegment("clip", 0, clip), TokenSegment("t5", clip_length, t5)), length)
+
+
+def text_key_weights(tokenizer, weights_for, max_sequence_length: int | None = None) -> dict[int, float]:
+    """``{text-key position: weight}`` from ``weights_for(one tokenizer) -> {its position: weight}`` (e.g.
+    ``ParsedPrompt.token_weights``): the tokenizer's own positions, and on SD3 with T5 (a
+    :class:`SegmentedTokenizer`) also T5's, shifted by 77 and cut where the pipeline cuts them
+    (``max_sequence_length``, default 256; its last key is T5's end token)."""
+    if not isinstance(tokenizer, SegmentedTokenizer):
+        return dict(weights_for(tokenizer))
+    length = int(max_sequence_length or SD3_T5_LENGTH)
+    weights = dict(weights_for(tokenizer.clip))
+    offset = tokenizer.clip_length
+    weights.update({offset + p: w for p, w in weights_for(tokenizer.t5).items() if p < length - 1})
+    return weights
+
+
+def has_t5_segment(pipe) -> bool:
+    """Whether ``pipe`` is an SD3 pipeline (it has a ``text_encoder_3`` slot) whose text keys end in a T5 segment
+    (zeros when ``text_encoder_3`` is ``None``; T5 tokens when it is loaded)."""
+    return pipe is not None and hasattr(pipe, "text_encoder_3") and hasattr(pipe, "tokenizer_3")
+
+
+def t5_loaded(pipe) -> bool:
+    """Whether ``pipe`` is an SD3 pipeline with its T5 encoder and tokenizer loaded."""
+    return has_t5_segment(pipe) and pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+
+
+def no_t5_message(what: str) -> str:
+    """The error for asking SD3's T5 segment for words when no T5 encoder is loaded."""
+    return (
+        f"{what}: no T5 encoder is loaded (text_encoder_3 is None), so SD3's T5 segment is zeros and holds no words; "
+        "use the CLIP segment (segment='clip', token positions 0..76) or load the pipeline with its "
+        "text_encoder_3 and tokenizer_3"
+    )

@@ -72,7 +72,8 @@ class Trace:
         Options (all documented in :mod:`promptcontrol.heatmap`): ``prompt`` (required when the pipeline got
         embeddings only), ``steps`` (needs ``per_step=True``), ``heads`` (needs ``per_head=True``), ``sites``
         (default: every recorded site but the mid block's), ``weighting`` (``"level"`` default, ``"resolution"``,
-        ``"layer"`` or a dict), ``size``, ``interpolation`` (``"bicubic"`` default or ``"bilinear"``),
+        ``"layer"`` or a dict), ``segment`` (SD3: ``"both"`` / ``"clip"`` / ``"t5"`` — which text segment's tokens a
+        word's map sums; ``"both"`` when a T5 encoder is loaded), ``size``, ``interpolation`` (``"bicubic"`` default or ``"bilinear"``),
         ``normalize`` (``"word"`` default, ``"global"`` or ``None``), ``tokenizer``. ``steps`` and ``sites`` take
         the specs of :func:`promptcontrol.schedule.step_filter` / ``site_filter`` (``places=`` / ``levels=``: the
         old spelling, for one release).

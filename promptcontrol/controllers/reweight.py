@@ -15,6 +15,10 @@ unconditional rows stay as they are, as in prompt-to-prompt, unless ``negative=`
 Weights are resolved to token positions once per run (at the first step, from the prompts the pipeline was
 called with and the session's tokenizer) and kept in tensors ``(B, K)`` built once per run, so per-layer work
 is one multiply of V (or one added mask) and changing the weights never changes a traced graph's shapes.
+
+SD3 with its T5 encoder: the text keys are [CLIP 77 | T5 ``max_sequence_length``], and a weighted word's positions
+are its tokens in both segments (the tensors span the whole text length). Token-position keys are positions of
+the whole text keys (77 is T5's first token); without a T5 encoder positions past CLIP's are refused (zeros).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from ..context import SessionView, StepContext
 from ..plan import AttentionPlan
 from ..schedule import site_filter, step_filter
 from ..sites import AttentionSite
-from ..tokens import PromptTokens, tokenize
+from ..tokens import (
+    PromptTokens, SegmentedTokenizer, SegmentedTokens, has_t5_segment, no_t5_message, t5_loaded, tokenize,
+)
 from .base import Controller
 
 MODES = ("attention", "softmax", "embedding")
@@ -237,6 +243,10 @@ class Reweight(Controller):
                 f"{n_prompts} prompt(s); give one dict per prompt"
             )
         tokenizer = self._session.tokenizer if self._session is not None else None
+        pipe = self._session.pipe if self._session is not None else None
+        zero_t5 = has_t5_segment(pipe) and not t5_loaded(pipe)  # SD3 without T5: keys past CLIP's are zeros
+        for table in (*self.weights, *self.negative):
+            _refuse_zero_t5_positions(table, tokenizer, zero_t5)
         cache: dict[int, dict[int, float]] = {}
         rows = {}
         for row in layout.cond_rows:
@@ -244,7 +254,9 @@ class Reweight(Controller):
             if p not in cache:
                 weights = self.weights[p] if self.per_prompt else self.weights[0]
                 prompt = prompts[p] if prompts is not None and p < len(prompts) else None
-                cache[p] = resolve_positions(weights, prompt, tokenizer, prompt_index=p if n_prompts > 1 else None)
+                cache[p] = resolve_positions(
+                    weights, prompt, tokenizer, prompt_index=p if n_prompts > 1 else None, text_length=ctx.text_length
+                )
             if cache[p]:
                 rows[row] = cache[p]
         for row in layout.uncond_rows:
@@ -285,13 +297,61 @@ class Reweight(Controller):
         self._tensor_key = key
 
 
+def _refuse_zero_t5_positions(table: Mapping[Key, float], tokenizer, zero_t5: bool) -> None:
+    """SD3 without a T5 encoder: a weighted token position in the T5 segment (past CLIP's keys) weights zeros."""
+    if not zero_t5:
+        return
+    clip_length = int(getattr(tokenizer, "model_max_length", 77))
+    past = sorted(k for k, w in table.items() if isinstance(k, int) and k >= clip_length and w != 1.0)
+    if past:
+        raise ValueError(no_t5_message(f"Reweight: token position(s) {past} fall in SD3's T5 segment"))
+
+
+def _prompt_tokens(tokenizer, prompt: str, text_length: int | None) -> PromptTokens:
+    """The prompt's tokens over the text keys: SD3 with T5 both segments (T5's cut at ``text_length``), else the
+    one tokenizer's."""
+    if isinstance(tokenizer, SegmentedTokenizer):
+        return tokenizer.tokenize(prompt, text_length)
+    return tokenize(tokenizer, prompt)
+
+
+def _segments(tokens: PromptTokens) -> list[tuple[str | None, PromptTokens]]:
+    """(segment name, its own tokens) of each tokenizer's part of the text keys (``None``: one tokenizer)."""
+    if isinstance(tokens, SegmentedTokens):
+        return [(s.name, s.tokens) for s in tokens.segments]
+    return [(None, tokens)]
+
+
+def _warn_cut(tokens: PromptTokens, words, query: str, where: str) -> None:
+    """Warn about weighted words cut off by a token limit (per segment on SD3 with T5)."""
+    for name, seg in _segments(tokens):
+        cut_indices = {w.index for w in seg.truncated}
+        cut = [w.text for w in words if w.index in cut_indices]
+        if not cut:
+            continue
+        limit = "of the text encoder" if name is None else f"of SD3's {name} segment"
+        warnings.warn(
+            f"Reweight{where}: the weighted word(s) {', '.join(map(repr, cut))} of {query!r} fall past the "
+            f"{seg.max_length}-token limit {limit} and are cut off; their weight applies only to the tokens that "
+            "remain (shorten the prompt)",
+            stacklevel=4,
+        )
+
+
 def resolve_positions(
-    weights: Mapping[Key, float], prompt: str | None, tokenizer, *, prompt_index: int | None = None
+    weights: Mapping[Key, float],
+    prompt: str | None,
+    tokenizer,
+    *,
+    prompt_index: int | None = None,
+    text_length: int | None = None,
 ) -> dict[int, float]:
     """``{token position: weight}`` of one prompt, for weights keyed by word, phrase, (word, occurrence) or position.
 
-    Raises ``KeyError`` (listing the prompt's words) for a word not in the prompt, ``ValueError`` when two keys
-    give one token different weights; warns when a weighted word is cut off by the token limit.
+    On SD3 with T5 (a :class:`~promptcontrol.tokens.SegmentedTokenizer`) a word's positions are its tokens in both
+    segments (T5's from 77 on, cut at ``text_length``: the denoiser's text keys). Raises ``KeyError`` (listing
+    the prompt's words) for a word not in the prompt, ``ValueError`` when two keys give one token different
+    weights; warns when a weighted word is cut off by a token limit.
     """
     where = "" if prompt_index is None else f" (prompt {prompt_index} of the batch)"
     tokens: PromptTokens | None = None
@@ -310,20 +370,13 @@ def resolve_positions(
                     "Reweight: weighting words needs a tokenizer; use a pipeline, or pass tokenizer= to pc.control"
                 )
             if tokens is None:
-                tokens = tokenize(tokenizer, prompt)
+                tokens = _prompt_tokens(tokenizer, prompt, text_length)
             query, occurrence = key if isinstance(key, tuple) else (key, None)
             try:
                 words = tokens.find(query, occurrence)
             except KeyError as error:
                 raise KeyError(f"Reweight{where}: {error.args[0]}") from None
-            cut = [w.text for w in words if w in tokens.truncated]
-            if cut:
-                warnings.warn(
-                    f"Reweight{where}: the weighted word(s) {', '.join(map(repr, cut))} of {query!r} fall past the "
-                    f"{tokens.max_length}-token limit of the text encoder and are cut off; their weight applies only "
-                    "to the tokens that remain (shorten the prompt)",
-                    stacklevel=3,
-                )
+            _warn_cut(tokens, words, query, where)
             positions = sorted({p for w in words for p in w.tokens})
         for position in positions:
             if position in chosen and chosen[position][0] != weight:
