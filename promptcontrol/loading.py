@@ -3,6 +3,8 @@
 - ``load_pipeline()``: the embedded model (``promptcontrol/assets/toy-sd``, a ``StableDiffusionPipeline``
   trained on captioned shapes), float32, offline, progress bar off (an image takes well under a second,
   a bar per call would only be noise);
+- ``load_pipeline("toy")`` is the same; ``load_pipeline("toy-sd3")`` the embedded SD3-architecture model
+  (``promptcontrol/assets/toy-sd3``) once it is shipped (until then a clear error saying how to build it);
 - ``load_pipeline("path/to/folder")``: any pipeline saved with ``save_pretrained`` (SD 1.x/2.x, SDXL, SD3,
   PixArt-Σ, Sana, ...), through ``diffusers.DiffusionPipeline.from_pretrained`` (the class named in
   ``model_index.json``); a component saved as None (SD3 without T5: ``text_encoder_3 = None``) loads as None;
@@ -24,7 +26,15 @@ from safetensors import SafetensorError
 
 from .errors import PromptControlError
 
-EMBEDDED = Path(__file__).resolve().parent / "assets" / "toy-sd"
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED = ASSETS / "toy-sd"
+EMBEDDED_MODELS = {  # name -> (folder, how to build it when it is not shipped)
+    "toy": (EMBEDDED, "python -m promptcontrol.toy.train --out <folder> (docs/embedded-model.md)"),
+    "toy-sd3": (ASSETS / "toy-sd3", "scripts/train_sd3.sh, then copy checkpoints/sd3/pipeline there "
+                                    "(docs/embedded-model.md, \"toy-sd3\")"),
+}
+"""The embedded models by name: ``load_pipeline("toy")`` is ``load_pipeline()``; ``"toy-sd3"`` the SD3-architecture
+one (loaded as its folder's pipeline class, offline)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -145,7 +155,15 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device=None, dtype=
         dtype = kwargs.pop("torch_dtype")
     dev, dt = _device(device), _dtype(dtype)
 
-    if model is None:
+    if isinstance(model, str) and model in EMBEDDED_MODELS and model != "toy":
+        folder, build = EMBEDDED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"the embedded model {model!r} is not shipped in this version (no {folder}); "
+                                    f"build it with {build}, or pass its folder")
+        pipe = load_pipeline(folder, device=device, dtype=dtype if dtype is not None else torch.float32, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    if model is None or model == "toy":
         if not (EMBEDDED / "model_index.json").is_file():
             raise FileNotFoundError(f"the embedded model is missing at {EMBEDDED}: reinstall promptcontrol, "
                                     "or train it with `python -m promptcontrol.toy.train --out <folder>`")

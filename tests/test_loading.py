@@ -117,3 +117,26 @@ def test_unreadable_model_index_names_the_file(tmp_path):
     (tmp_path / "p" / "model_index.json").write_text("{not json")
     with pytest.raises(ModelFolderError, match="model_index.json cannot be read"):
         load_pipeline(tmp_path / "p", device="cpu")
+
+
+@needs_embedded
+def test_the_embedded_model_is_also_loadable_by_the_name_toy():
+    by_name, default = load_pipeline("toy", device="cpu"), load_pipeline(device="cpu")
+    assert type(by_name).__name__ == "StableDiffusionPipeline"
+    names = sorted(by_name.unet.state_dict())
+    assert names == sorted(default.unet.state_dict())
+    assert all(torch.equal(by_name.unet.state_dict()[n], default.unet.state_dict()[n]) for n in names[:8])
+
+
+def test_toy_sd3_by_name_loads_its_folder_or_says_how_to_build_it(tmp_path, monkeypatch):
+    import promptcontrol.loading as loading
+    from promptcontrol.testing_sd3 import tiny_sd3
+
+    folder = tmp_path / "toy-sd3"
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, "toy-sd3", (folder, "scripts/train_sd3.sh"))
+    with pytest.raises(FileNotFoundError, match=r"'toy-sd3' is not shipped.*scripts/train_sd3.sh"):
+        load_pipeline("toy-sd3")
+    tiny_sd3().save_pretrained(folder)
+    pipe = load_pipeline("toy-sd3", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.transformer.dtype == torch.float32
+    assert pipe.text_encoder_3 is None and pipe._progress_bar_config.get("disable") is True

@@ -137,17 +137,18 @@ class PlaceLevels:
         pairs = []
         for text in texts:
             place, _, level = text.partition(":")
-            if place not in ("down", "mid", "up") or not level.isdigit():
-                raise ValueError(f"site {text!r} is not PLACE:LEVEL (place down, mid or up; level 0, 1, ...), "
-                                 "e.g. down:0 up:1")
+            if place not in ("down", "mid", "up", "transformer") or not level.isdigit():
+                raise ValueError(f"site {text!r} is not PLACE:LEVEL (place down, mid, up or transformer; level 0, "
+                                 "1, ...), e.g. down:0 up:1")
             pairs.append((place, int(level)))
         return cls(tuple(pairs))
 
 
-_best_sites = PlaceLevels((("down", 0), ("up", 1)))
-"""The default map sites: down blocks at level 0 (full latent grid) and up blocks at level 1 — on the embedded
-model (v2) ``down_blocks.0`` + ``up_blocks.0``, the sites issue 6 measured best there. ``--maps-by-level``
-measures every (place, level) so the rule can be chosen from measurement."""
+_best_sites = PlaceLevels((("down", 0), ("up", 1), ("transformer", 0)))
+"""The default map sites: on a UNet, down blocks at level 0 (full latent grid) and up blocks at level 1 — on the
+embedded model (v2) ``down_blocks.0`` + ``up_blocks.0``, the sites issue 6 measured best there; on a transformer
+(one token grid, level 0) every block that sees the text. ``--maps-by-level`` measures every (place, level) so
+the rule can be chosen from measurement."""
 
 
 def _occurrence(words: list[str], index: int) -> int:
