@@ -14,11 +14,12 @@
 #   2. python -m benchmarks.sync_check: every mode with torch.cuda.set_sync_debug_mode("error") inside each UNet
 #      call and sync counts over the whole call (tiny pipelines and SD 1.5 at 512²);
 #   3. the host-cost "dispatch" case, if benchmarks/run.py offers it (issue 19), else a line saying it is absent;
-#   (last) the SD3-medium architecture transformer, 24 blocks at 1024² fp16 (--only sd3 --gpu; issue 17 item 6);
-#   4. compiled (inductor, fullgraph) vs eager on SD 1.5 at 512²: stock, pass-through, reweight, Replace edit.
+#   4. the SD3-medium architecture transformer, 24 blocks at 1024² fp16 (--only sd3 --gpu; issue 17 item 6),
+#      then the Flux.1-dev architecture transformer, 19 + 38 blocks at 1024² bf16 (--only flux --gpu; issue 18);
+#   5. compiled (inductor, fullgraph) vs eager on SD 1.5 at 512²: stock, pass-through, reweight, Replace edit.
 #      Last, because compiling is the least predictable part: a time-out there loses only its own table.
-# Writes run-, sync-check-, compile- (and dispatch-) .md/.json and gpu.log. Under $OUT (the device tool brings
-# back 8 files at most) the .json files go into one results-json.tar.gz when there would be more than 8.
+# Writes run-, sync-check-, compile-, sd3-, flux- (and dispatch-) .md/.json and gpu.log. Under $OUT (the device
+# tool brings back 8 files at most) the .json files go into one results-json.tar.gz when there would be more than 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -27,7 +28,7 @@ DRY=${GPU_DRY_RUN:-0}
 for arg in "$@"; do
   case $arg in
     --cpu-dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$arg' (use --cpu-dry-run, or none)" >&2; exit 2 ;;
   esac
 done
@@ -43,8 +44,9 @@ if ((DRY)); then  # this CPU: the venv runs, the local python3 installs (pure-Py
   DISPATCH=(--models tiny-sd15:64 --repeats 1)
   COMPILE=(--models tiny-sd15:64 --compile eager --repeats 1)  # dynamo tracing only: inductor is minutes here
   SD3=(--tiny --repeats 1)
+  FLUX=(--tiny --repeats 1)
   #       part: cap  expected (seconds)
-  PLAN=(install:60:10 table:60:25 sync:45:15 dispatch:30:10 compile:90:35 sd3:45:10)
+  PLAN=(install:60:10 table:60:25 sync:45:15 dispatch:30:10 compile:90:35 sd3:45:10 flux:45:10)
 else
   PY=${PYTHON:-python3}
   PIP_PY=${PIP_PYTHON:-$PY}
@@ -56,7 +58,8 @@ else
   DISPATCH=(--gpu)
   COMPILE=(--gpu --models sd15:512 --compile inductor --repeats 4)
   SD3=(--gpu --repeats 3)  # the SD3-medium architecture, 24 blocks, 1024², fp16 (issue 17 item 6)
-  PLAN=(install:60:15 table:180:120 sync:60:25 dispatch:45:20 compile:150:120 sd3:120:60)
+  FLUX=(--gpu --repeats 3)  # the Flux.1-dev architecture, 19 + 38 blocks, 1024², bf16: 24 GB of weights (issue 18)
+  PLAN=(install:60:15 table:180:120 sync:60:25 dispatch:45:20 compile:150:120 sd3:120:60 flux:120:60)
 fi
 COMPILE+=(--only stock pass-through reweight "edit: Replace + self injection,")  # eager and compiled of each
 
@@ -132,6 +135,8 @@ else
   echo; echo "=== dispatch: absent — benchmarks/run.py --help names no dispatch case yet (issue 19)"
   DONE+=("dispatch: absent from benchmarks/run.py (issue 19)")
 fi
+part sd3 "$PY" -m benchmarks.run --only sd3 "${SD3[@]}" --out "$RESULTS/sd3"
+part flux "$PY" -m benchmarks.run --only flux "${FLUX[@]}" --out "$RESULTS/flux"
 if part compile "$PY" -m benchmarks.run "${COMPILE[@]}" --out "$RESULTS/compile"; then
   "$PY" - "$RESULTS/compile-$SUFFIX.json" <<'EOF'
 import json, sys
@@ -149,7 +154,6 @@ for table in tables:  # each mode's eager median over its compiled median, group
 EOF
 fi
 
-part sd3 "$PY" -m benchmarks.run --only sd3 "${SD3[@]}" --out "$RESULTS/sd3"
 
 if [[ -n ${OUT:-} ]]; then  # the device tool brings back 8 files at most
   files=("$OUT"/*)

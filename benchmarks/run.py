@@ -162,18 +162,28 @@ def run_dispatch(args) -> str:
     return dispatch.main(forward)
 
 
+TRANSFORMER_ARCHS = ("sd3", "flux")  # `--only` words that run benchmarks/transformers.py instead of the UNet table
+
+
 def run_transformers(args, extra: list[str]) -> str:
-    """``--only sd3``: the SD3-medium architecture transformer case (its own model, sizes and table: see
-    :mod:`benchmarks.transformers`, whose own options — ``--layers``, ``--size``, ``--tiny``, ``--no-memory`` —
-    pass through)."""
+    """``--only sd3`` / ``--only flux`` / ``--only sd3 flux``: the SD3-medium and Flux.1-dev architecture
+    transformer cases, in that order (each its own model, sizes and table: see :mod:`benchmarks.transformers`,
+    whose own options — ``--layers``, ``--size``, ``--tiny``, ``--no-memory`` — pass through to each)."""
     from . import transformers
 
-    out = args.out[: -len("/run")] + "/sd3" if args.out.endswith("/run") else args.out
-    forward = ["--arch", "sd3", "--device", args.device, "--out", out, "--warmup", str(args.warmup)]
-    for name in ("dtype", "repeats", "clock"):
-        if getattr(args, name):
-            forward += [f"--{name}", str(getattr(args, name))]
-    return transformers.main(forward + extra)
+    archs = [arch for arch in TRANSFORMER_ARCHS if arch in args.only]
+    texts = []
+    for arch in archs:
+        if args.out.endswith("/run"):
+            out = args.out[: -len("/run")] + f"/{arch}"
+        else:
+            out = args.out if len(archs) == 1 else f"{args.out}-{arch}"
+        forward = ["--arch", arch, "--device", args.device, "--out", out, "--warmup", str(args.warmup)]
+        for name in ("dtype", "repeats", "clock"):
+            if getattr(args, name):
+                forward += [f"--{name}", str(getattr(args, name))]
+        texts.append(transformers.main(forward + extra))
+    return "\n".join(texts)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -195,13 +205,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--only", nargs="+", help="keep cases whose name contains one of these (and their stock); `--only dispatch`: "
         "the host cost per attention call instead (benchmarks/dispatch.py: tiny UNet, µs per call, GPU projection); "
-        "`--only sd3`: the SD3-medium architecture transformer instead (benchmarks/transformers.py: CPU 512², 2 "
-        "blocks; --gpu 1024², 24 blocks; takes its --layers, --size, --tiny, --no-memory too)"
+        "`--only sd3` / `--only flux` / `--only sd3 flux`: the SD3-medium / Flux.1-dev architecture transformers "
+        "instead (benchmarks/transformers.py: CPU 512², SD3 2 of 24 blocks, Flux 1,1 of 19,38 double,single-stream "
+        "blocks; --gpu 1024², every block; takes its --layers, --size, --tiny, --no-memory too)"
     )
     parser.add_argument("--out", default="benchmarks/results/run")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only draw a results JSON as a PNG")
     args, extra = parser.parse_known_args(argv)
-    transformer_case = bool(args.only) and "sd3" in args.only
+    transformer_case = bool(args.only) and any(arch in args.only for arch in TRANSFORMER_ARCHS)
     if extra and not transformer_case:  # only the transformer case has options of its own
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.plot:
