@@ -406,16 +406,23 @@ def load_pipeline_weights(unet: torch.nn.Module, te: torch.nn.Module, folder: Pa
         module.load_state_dict(weights)
 
 
-def write_pipeline(pipe, out: Path, tokenizer_src: Path = TOKENIZER) -> None:
-    """``save_pretrained`` into a sibling temp folder, put the package's tokenizer files in, then swap."""
+def write_pipeline(pipe, out: Path, tokenizer_src: Path = TOKENIZER,
+                   tokenizer_folders: tuple[str, ...] = ("tokenizer",)) -> None:
+    """``save_pretrained`` into a sibling temp folder, the package's tokenizer files in each of
+    ``tokenizer_folders``, then swap it in (a failure leaves the old folder as it was and no temp folder)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(tmp / "tokenizer")
-    shutil.copytree(tokenizer_src, tmp / "tokenizer")  # the exact committed copy, not a re-serialisation
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in tokenizer_folders:
+            shutil.rmtree(tmp / name)
+            shutil.copytree(tokenizer_src, tmp / name)  # the exact committed copy, not a re-serialisation
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

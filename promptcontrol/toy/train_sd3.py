@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from .model import TOKENIZER, build_tokenizer
 from .model_sd3 import DEFAULT_VAE, T5_TOKENS, ToySD3Config, adaln_zero_, assemble, build_scheduler, \
     build_text_encoders, build_transformer, config_for_vae, load_vae
 from .train import log
+from .train import write_pipeline as write_pipeline_folder
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -429,25 +429,8 @@ def init_text_encoder(te, folder: Path) -> str:
 
 
 def write_pipeline(pipe, out: Path, tokenizer_src: Path = TOKENIZER) -> None:
-    """``save_pretrained`` into a sibling temp folder, the package's tokenizer files in both tokenizer folders,
-    then swap it in."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for name in ("tokenizer", "tokenizer_2"):
-            shutil.rmtree(tmp / name)
-            shutil.copytree(tokenizer_src, tmp / name)  # the exact committed copy, not a re-serialisation
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """The toy trainer's atomic export, with the package's tokenizer in both CLIP tokenizer folders."""
+    write_pipeline_folder(pipe, out, tokenizer_src, ("tokenizer", "tokenizer_2"))
 
 
 def main(argv: list[str] | None = None) -> int:
