@@ -24,6 +24,7 @@ attention call stays on fused SDPA (sites that are not selected do not even get 
 
 Reading: ``store.recording(i)`` hands out image ``i`` as a :class:`~promptcontrol.recording.Recording` (plain
 tensors and facts); heat maps and the read methods here (``site_map``, ``level_map``, ``steps``, ...) go through it.
+The per-run data, the resolution cap, the host copies and the hand-out live in :mod:`.store_runs`.
 
 Images: every pipeline call in the session appends its images, in output order (``image_of_row``), so image
 ``i`` of the store is the ``i``-th image generated inside the ``with`` block. The prompt of each image is read from
@@ -32,141 +33,23 @@ the pipeline call (``run.prompts[prompt_of_row[row]]``); ``None`` when the pipel
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..context import SessionView, StepContext, batch_mismatch, timestep_value
+from ..context import SessionView, StepContext, batch_mismatch
 from ..plan import AttentionPlan
 from ..recording import Recording, fold_place_level, old_step_tuple, to_grid
 from ..schedule import PLACES, site_filter, step_filter
 from ..sites import AttentionSite, grid_for, grid_from_length
 from .base import Controller
+from .store_runs import HostCopies, RecordedImage, RunRecord, capped_grid, estimate_bytes, per_step_mode, pool_to
+from .store_runs import recording_of
 
-
-@dataclass
-class RunRecord:
-    """What one pipeline call left in the store (all tensors hold one slice per image of the run).
-
-    sums[key]:       (N, Q, K) float32 — summed over recorded steps and heads
-    counts[key]:     number of (step × head) maps added to ``sums[key]``
-    head_sums[key]:  (N, heads, K, h', w') float32 — summed over steps (``per_head``); on the attention's device
-                     while the run records, on the CPU once the recording is read
-    head_counts[key]: number of steps added to ``head_sums[key]``
-    step_maps[step][key]: (N, K, h', w') at the store's dtype on CPU — mean over heads (``per_step="site"``)
-    level_steps[step][level]: (N, K, h', w') at the store's dtype on CPU — mean over heads and the level's sites
-                     (``per_step="level"``); ``level_sites[level]``: how many sites went into each
-    grids[key]:      the site's (h, w); ``small_grids[key]``: (h', w') after the resolution cap
-    """
-
-    run_id: int
-    latent_hw: tuple[int, int]
-    prompts: list[str | None]
-    prompts_2: list[str | None]
-    num_tokens: int | None = None
-    total: int | None = None  # the run's number of steps, where the pipeline says
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    head_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    head_counts: dict[str, int] = field(default_factory=dict)
-    step_maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    level_steps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
-    level_sites: dict[int, int] = field(default_factory=dict)
-    timesteps: dict[int, Any] = field(default_factory=dict)  # floats once settled (tensors while recording)
-    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
-    small_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def steps(self) -> list[int]:
-        """The step indices recorded in this run (every step that reached ``record``)."""
-        return sorted(self.timesteps)
-
-
-@dataclass(frozen=True)
-class RecordedImage:
-    """One output image in the store: where its data lives and what prompt made it."""
-
-    index: int  # index in the store (order of generation inside the session)
-    run: RunRecord
-    slot: int  # index of the image inside its run
-    prompt: str | None
-    prompt_2: str | None
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.run.latent_hw
-
-
-def capped_grid(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """(h', w') after average-pooling by the smallest integer factor that brings both sides to ``<= max_side``."""
-    h, w = hw
-    if max_side is None or max(h, w) <= max_side:
-        return h, w
-    factor = math.ceil(max(h, w) / max_side)
-    return math.ceil(h / factor), math.ceil(w / factor)
-
-
-def pool_to(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Average-pool ``maps`` (..., K, h, w) to (..., K, hw[0], hw[1]) (identity when the size already fits)."""
-    if tuple(maps.shape[-2:]) == tuple(hw):
-        return maps
-    lead = maps.shape[:-2]
-    flat = maps.reshape(-1, 1, *maps.shape[-2:])
-    return F.adaptive_avg_pool2d(flat, hw).reshape(*lead, *hw)
-
-
-def estimate_bytes(
-    sites: Iterable[AttentionSite],
-    latent_hw: tuple[int, int],
-    *,
-    steps: int = 50,
-    images: int = 1,
-    tokens: int = 77,
-    per_step: bool | str = False,
-    per_head: bool = False,
-    dtype: torch.dtype = torch.float16,
-    max_side: int | None = 32,
-) -> dict[str, int]:
-    """Bytes an :class:`AttentionStore` holds for ``images`` images after ``steps`` recorded steps, from shapes.
-
-    ``sites``: the recorded sites (cross sites are kept, self sites ignored). Returns the bytes of the running
-    sums (``"sums"``, float32, independent of ``steps``), the per-head sums (``"per_head"``, float32) and the
-    per-step maps (``"per_step"``, at ``dtype``), and their ``"total"``.
-    """
-    sums = heads_bytes = step_bytes = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_step = _per_step_mode(per_step)
-    seen_levels = set()
-    for site in sites:
-        if not site.attends_text:
-            continue
-        h, w = grid_for(latent_hw, site.level)
-        sh, sw = capped_grid((h, w), max_side)
-        sums += images * h * w * tokens * 4
-        if per_head:
-            heads_bytes += images * site.heads * sh * sw * tokens * 4
-        if per_step == "site" or (per_step == "level" and site.level not in seen_levels):
-            step_bytes += steps * images * sh * sw * tokens * itemsize
-        seen_levels.add(site.level)
-    return {"sums": sums, "per_head": heads_bytes, "per_step": step_bytes, "total": sums + heads_bytes + step_bytes}
-
-
-def _per_step_mode(per_step) -> str | None:
-    if per_step is True or per_step == "site":
-        return "site"
-    if per_step == "level":
-        return "level"
-    if per_step is False or per_step is None:
-        return None
-    raise ValueError(f"per_step must be False, True (= 'site') or 'level'; got {per_step!r}")
+__all__ = [  # the store, and the per-run names that moved to store_runs, still importable from here
+    "AttentionStore", "RunRecord", "RecordedImage", "capped_grid", "pool_to", "estimate_bytes",
+]
 
 
 def _named_patterns(spec: Any) -> tuple[str, ...]:
@@ -233,7 +116,7 @@ class AttentionStore(Controller):
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16); got {dtype!r}")
         if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
             raise ValueError(f"max_side must be a positive int or None (full resolution); got {max_side!r}")
-        self.per_step = _per_step_mode(per_step)  # None, "site" or "level"
+        self.per_step = per_step_mode(per_step)  # None, "site" or "level"
         self.per_head = bool(per_head)
         self.dtype = dtype
         self.max_side = max_side
@@ -253,7 +136,7 @@ class AttentionStore(Controller):
         self._ones_cache: dict[tuple, torch.Tensor] = {}
         self._level_acc: dict[int, list] = {}  # level → [sum (N, Q, K) of head means, sites, grid] this step
         self._pending: list[tuple[str, str, torch.Tensor]] = []  # ("step" | "head", key, map) to move to the CPU
-        self._in_flight = False  # non-blocking device → host copies not waited for yet
+        self._host = HostCopies()  # per-step maps leave for the CPU without waiting; settled when read
         self._seen: dict[str, tuple[int, int, int, int]] = {}  # key → (heads, Q, K, level) recorded this step
         self._grids: dict[str, tuple[int, int]] = {}  # key → its level's grid at the current latent size
         self._grids_for: tuple[int, int] | None = None
@@ -288,7 +171,7 @@ class AttentionStore(Controller):
             self.scale_factor = factor
 
     def unbind(self) -> None:
-        self._settle()
+        self._host.settle(self.runs)
         self._level_acc.clear()
         self._pending.clear()
         self._seen.clear()
@@ -329,7 +212,7 @@ class AttentionStore(Controller):
         if self._pending and run is not None:
             for kind, key, tensor in self._pending:
                 if kind == "step":
-                    run.step_maps.setdefault(ctx.index, {})[key] = self._to_host(tensor)
+                    run.step_maps.setdefault(ctx.index, {})[key] = self._host.to_host(tensor)
                 elif key in run.head_sums:  # summed on the attention's device: no copy per step
                     total = run.head_sums[key]
                     if total.device != tensor.device:  # the recording was read mid-run: back to the device
@@ -344,7 +227,7 @@ class AttentionStore(Controller):
             maps = run.level_steps.setdefault(ctx.index, {})
             for level, (total, count, grid) in self._level_acc.items():
                 mean = pool_to(to_grid(total / count, grid), capped_grid(grid, self.max_side))
-                maps[level] = self._to_host(mean.to(self.dtype))  # (N, K, h', w')
+                maps[level] = self._host.to_host(mean.to(self.dtype))  # (N, K, h', w')
                 run.level_sites[level] = count
         self._level_acc.clear()
 
@@ -368,32 +251,6 @@ class AttentionStore(Controller):
 
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self._recording
-
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` on the CPU without waiting: a non-blocking copy into pinned memory from CUDA (valid once
-        :meth:`_settle` has synchronised); a CPU tensor as it is."""
-        if tensor.device.type == "cpu":
-            return tensor
-        if tensor.device.type != "cuda":
-            return tensor.to("cpu")
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        self._in_flight = True
-        return host
-
-    def _settle(self) -> None:
-        """Make every run readable on the host (outside any step): wait for the copies in flight, per-head sums to
-        the CPU, timesteps to floats."""
-        if self._in_flight:
-            torch.cuda.synchronize()
-            self._in_flight = False
-        for run in self.runs:
-            for key, total in run.head_sums.items():
-                if total.device.type != "cpu":
-                    run.head_sums[key] = total.to("cpu")
-            for step, t in run.timesteps.items():
-                if not isinstance(t, float):
-                    run.timesteps[step] = timestep_value(t)
 
     def _new_run(self, ctx: StepContext) -> RunRecord:
         run = ctx.run
@@ -501,35 +358,16 @@ class AttentionStore(Controller):
         """Image ``index`` as a :class:`~promptcontrol.recording.Recording`: its prompt, sites, grids, steps, sums
         and per-step / per-head maps (views of the store's tensors; copies while its run is still recording)."""
         image = self.image(index)
-        self._settle()
-        run, slot = image.run, image.slot
-        live = run is self._current  # its sums still grow in place: hand out a copy
-
-        def own(t: torch.Tensor) -> torch.Tensor:
-            return t[slot].clone() if live else t[slot]
-
-        keys = [key for key in self.sites if key in run.sums]
-        return Recording(
-            sites=tuple(self.sites[key] for key in keys),
-            grids={key: run.grids[key] for key in keys},
-            sums={key: own(run.sums[key]) for key in keys},  # (Q, K)
-            counts={key: run.counts[key] for key in keys},
-            latent_hw=run.latent_hw,
-            steps=tuple(run.steps),
-            prompt=image.prompt,
-            prompt_2=image.prompt_2,
+        self._host.settle(self.runs)
+        live = image.run is self._current  # its sums still grow in place: hand out a copy
+        return recording_of(
+            image,
+            self.sites,
+            live=live,
             tokenizer=self.tokenizer,
             scale_factor=self.scale_factor,
-            index=image.index,
-            total=run.total,
-            timesteps=dict(run.timesteps),
             per_step=self.per_step,
-            step_maps={s: {k: t[slot] for k, t in maps.items()} for s, maps in run.step_maps.items()},
-            level_steps={s: {lv: t[slot] for lv, t in maps.items()} for s, maps in run.level_steps.items()},
-            level_sites=dict(run.level_sites),
             per_head=self.per_head,
-            head_sums={key: own(t) for key, t in run.head_sums.items()},  # (heads, K, h', w')
-            head_counts=dict(run.head_counts),
         )
 
     def recorded_sites(self, index: int = 0) -> list[AttentionSite]:
@@ -556,14 +394,8 @@ class AttentionStore(Controller):
 
     def memory_bytes(self) -> int:
         """Bytes held by the recorded tensors (running sums, per-head sums, per-step maps)."""
-        self._settle()
-        total = 0
-        for run in self.runs:
-            tensors = [*run.sums.values(), *run.head_sums.values()]
-            tensors += [t for step in run.step_maps.values() for t in step.values()]
-            tensors += [t for step in run.level_steps.values() for t in step.values()]
-            total += sum(t.numel() * t.element_size() for t in tensors)
-        return total
+        self._host.settle(self.runs)
+        return sum(run.nbytes() for run in self.runs)
 
     def reset(self) -> None:
         """Forget every recording (the store can be used again)."""
