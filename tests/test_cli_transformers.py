@@ -15,12 +15,13 @@ from safetensors import safe_open
 from promptcontrol.cli import main
 from promptcontrol.pipeline_call import accepted_call_defaults
 from promptcontrol.testing_dit import tiny_pixart, tiny_sana
+from promptcontrol.testing_flux import tiny_flux
 from promptcontrol.testing_sd3 import tiny_sd3
 
-BUILDERS = {"sd3": tiny_sd3, "pixart": tiny_pixart, "sana": tiny_sana}
-SIZE = {"sd3": "32x32", "pixart": "32x24", "sana": "32x32"}  # WxH; Sana's own default would be 1024x1024
+BUILDERS = {"sd3": tiny_sd3, "pixart": tiny_pixart, "sana": tiny_sana, "flux": tiny_flux}
+SIZE = {"sd3": "32x32", "pixart": "32x24", "sana": "32x32", "flux": "32x32"}  # WxH; Sana's own default would be 1024x1024
 PIXART_ADDED = {"use_resolution_binning": False, "clean_caption": False}
-ADDED = {"sd3": None, "pixart": PIXART_ADDED, "sana": {**PIXART_ADDED, "complex_human_instruction": None}}
+ADDED = {"sd3": None, "pixart": PIXART_ADDED, "sana": {**PIXART_ADDED, "complex_human_instruction": None}, "flux": None}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_call_defaults_come_from_the_signature_not_the_class():
     assert accepted_call_defaults(Plain()) == {}
 
 
-@pytest.mark.parametrize("which", ["sd3", "pixart", "sana"])
+@pytest.mark.parametrize("which", ["sd3", "pixart", "sana", "flux"])
 def test_inspect_draws_a_map_per_prompt_word(folders, tmp_path, which):
     out = tmp_path / "inspect"
     assert run(["inspect", "a red circle"], folders, which, out) == 0
@@ -71,7 +72,7 @@ def test_inspect_draws_a_map_per_prompt_word(folders, tmp_path, which):
     assert set(record["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("which", ["sd3", "pixart"])
+@pytest.mark.parametrize("which", ["sd3", "pixart", "flux"])
 def test_generate_depends_on_the_seed_and_the_weights(folders, tmp_path, which):
     outs = {key: tmp_path / key for key in ("seed0", "seed1", "weighted")}
     assert run(["generate", "a red circle"], folders, which, outs["seed0"], "--seed", "0") == 0
@@ -82,7 +83,7 @@ def test_generate_depends_on_the_seed_and_the_weights(folders, tmp_path, which):
     assert np.abs(seed0 - weighted).max() > 0  # the weight reaches the attention
 
 
-@pytest.mark.parametrize("which", ["sd3", "pixart", "sana"])
+@pytest.mark.parametrize("which", ["sd3", "pixart", "sana", "flux"])
 def test_edit_writes_source_edit_and_grid(folders, tmp_path, which):
     out = tmp_path / "edit"
     self_steps = "0" if which == "sana" else "0.4"  # Sana's self-attention is linear: nothing to inject into
