@@ -71,7 +71,6 @@ def eval_samples(n: int = 48, seed: int = 1234) -> list[world.Sample]:
 def generate(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
              batch: int = 16) -> list[Generation]:
     """Images for the samples' captions (caption i with generator seed ``seed + i``), segmented."""
-    device = getattr(pipe, "_execution_device", None) or pipe.device
     gens: list[Generation] = []
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
