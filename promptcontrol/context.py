@@ -17,7 +17,8 @@ class RunInfo:
     """What one pipeline call said about its prompts, captured from its ``encode_prompt`` call.
 
     prompts:            the prompt of each prompt index, or ``None`` when the pipeline got embeddings only
-    prompts_2:          SDXL's second prompt of each prompt index (``None`` means same as ``prompts``)
+    prompts_2:          SDXL's / SD3's second prompt of each prompt index (``None`` means same as ``prompts``)
+    prompts_3:          SD3's T5 prompt of each prompt index (``None`` means same as ``prompts``)
     negative_prompts:   the negative prompt of each prompt index, as given (``None``: empty / embeddings)
     images_per_prompt:  ``num_images_per_prompt``
     cfg:                whether the pipeline runs classifier-free guidance (batch ``[uncond | cond]``)
@@ -25,6 +26,7 @@ class RunInfo:
 
     prompts: list[str] | None = None
     prompts_2: list[str] | None = None
+    prompts_3: list[str] | None = None
     negative_prompts: list[str] | None = None
     images_per_prompt: int = 1
     cfg: bool | None = None

@@ -116,7 +116,8 @@ class Recording:
     sites:        the recorded cross-attention sites, in the denoiser's order
     grids:        each site's (h, w); ``latent_hw``: the latent's (h, w) (the grid of level 0)
     steps:        the recorded step indices; ``timesteps[step]`` the scheduler's value; ``total`` the run's length
-    prompt:       the image's prompt (``None`` when the pipeline got embeddings only); ``prompt_2``: SDXL's second
+    prompt:       the image's prompt (``None`` when the pipeline got embeddings only); ``prompt_3``: SD3's T5
+                  prompt when given; ``prompt_2``: SDXL's second
     tokenizer:    the session's tokenizer (``None`` on a bare denoiser)
     scale_factor: pixels per latent cell (the VAE's scale factor)
     index:        the image's index in its store
@@ -131,6 +132,7 @@ class Recording:
     steps: tuple[int, ...]
     prompt: str | None = None
     prompt_2: str | None = None
+    prompt_3: str | None = None  # SD3's T5 prompt, when the call gave one
     tokenizer: Any = None
     scale_factor: int = 8
     index: int = 0
@@ -199,6 +201,13 @@ class Recording:
             warnings.warn(
                 "this SDXL image had a different prompt_2; its token positions mix both prompts, and the word maps "
                 "follow the first prompt's tokenization",
+                stacklevel=stacklevel + 1,
+            )
+        if self.prompt_3 is not None and prompt is None and self.prompt_3 != self.prompt and hasattr(tokens, "segments"):
+            warnings.warn(
+                f"this SD3 image had a different prompt_3 ({self.prompt_3!r}) for its T5 encoder; the T5 segment's "
+                "word positions follow prompt's tokens, so T5 word maps may be off: use segment='clip', or call the "
+                "pipeline with prompt_3 equal to prompt",
                 stacklevel=stacklevel + 1,
             )
         return tokens

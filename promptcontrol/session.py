@@ -330,6 +330,7 @@ class Session:
             self._pending_run = RunInfo(
                 prompts=_as_list(bound.get("prompt")),
                 prompts_2=_as_list(bound.get("prompt_2")),
+                prompts_3=_as_list(bound.get("prompt_3")),
                 negative_prompts=_as_list(bound.get("negative_prompt")),
                 images_per_prompt=int(bound.get("num_images_per_prompt") or 1),
                 cfg=None if cfg is None else bool(cfg),

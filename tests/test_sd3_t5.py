@@ -212,3 +212,18 @@ def test_generate_weight_syntax_weights_the_word_in_both_segments(sd3_t5):
     with pc.control(sd3_t5, pc.Reweight(clip_only)):
         clip_image = sd3_t5(PROMPT, generator=_generator(), **RUN).images
     assert not torch.allclose(torch.as_tensor(weighted), clip_image, atol=1e-6)
+
+
+def test_a_different_prompt_3_is_named_when_maps_are_read(sd3_t5):
+    """SD3 encodes T5 from prompt_3: when it differs from prompt, the T5 segment's word positions (read from prompt)
+    may be wrong, and reading the maps says so; the same prompt_3 says nothing."""
+    import warnings
+
+    with pc.trace(sd3_t5) as tr:
+        sd3_t5(PROMPT, prompt_3="a blue square", generator=_generator(), **RUN)
+        sd3_t5(PROMPT, prompt_3=PROMPT, generator=_generator(), **RUN)
+    with pytest.warns(UserWarning, match=r"different prompt_3 \('a blue square'\).*segment='clip'"):
+        tr.heatmaps(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.heatmaps(1)

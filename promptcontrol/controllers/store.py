@@ -254,16 +254,20 @@ class AttentionStore(Controller):
 
     def _new_run(self, ctx: StepContext) -> RunRecord:
         run = ctx.run
-        prompts, prompts_2 = [], []
+        prompts, prompts_2, prompts_3 = [], [], []
         for row in self._rows:
             p = ctx.layout.prompt_of_row[row]
             prompts.append(run.prompts[p] if run is not None and run.prompts is not None and p < len(run.prompts) else None)
             second = run.prompts_2 if run is not None else None
             prompts_2.append(second[p] if second is not None and p < len(second) else None)
+            third = run.prompts_3 if run is not None else None
+            prompts_3.append(third[p] if third is not None and p < len(third) else None)
         record = RunRecord(self._run_id, ctx.latent_hw, prompts, prompts_2, total=ctx.total)
         self.runs.append(record)
         for slot in range(record.num_images):
-            self.images.append(RecordedImage(len(self.images), record, slot, prompts[slot], prompts_2[slot]))
+            self.images.append(
+                RecordedImage(len(self.images), record, slot, prompts[slot], prompts_2[slot], prompts_3[slot])
+            )
         return record
 
     def _cond(self, probs: torch.Tensor) -> torch.Tensor:

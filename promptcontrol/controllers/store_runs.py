@@ -80,6 +80,7 @@ class RecordedImage:
     slot: int  # index of the image inside its run
     prompt: str | None
     prompt_2: str | None
+    prompt_3: str | None = None  # SD3's T5 prompt, when it was given
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -214,6 +215,7 @@ def recording_of(
         steps=tuple(run.steps),
         prompt=image.prompt,
         prompt_2=image.prompt_2,
+        prompt_3=image.prompt_3,
         tokenizer=tokenizer,
         scale_factor=scale_factor,
         index=image.index,
