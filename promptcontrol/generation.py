@@ -62,7 +62,9 @@ def _check_weights_for_mode(parsed: ParsedPrompt, mode: str) -> None:
             )
 
 
-def _parse_negative(negative: Any, compel: bool, tokenizer, mode: str, max_sequence_length=None) -> tuple[Any, list[dict[int, float]] | None]:
+def _parse_negative(
+    negative: Any, compel: bool, tokenizer, mode: str, max_sequence_length: int | None = None
+) -> tuple[Any, list[dict[int, float]] | None]:
     """(plain negative prompt(s) for the pipeline, token weights per negative prompt or ``None`` when unweighted).
 
     Weights act on the unconditional rows, as A1111 weights its negative prompt. Prompt editing in a negative
@@ -80,22 +82,34 @@ def _parse_negative(negative: Any, compel: bool, tokenizer, mode: str, max_seque
     return (plain[0] if isinstance(negative, str) else plain), (weights if any(weights) else None)
 
 
-def _encode(pipe, texts: list[str], clip_skip: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Conditional text features ``(N, K, D)`` of ``texts`` by the pipeline's own ``encode_prompt``, and SDXL's
-    pooled embeddings ``(N, P)`` (``None`` for pipelines without them)."""
+_ENCODE_CALL_OPTIONS = ("max_sequence_length", "clean_caption", "complex_human_instruction")
+"""Options of a pipeline call that change its text features: passed to ``encode_prompt`` as the call gives them."""
+
+
+def _encode(pipe, texts: list[str], clip_skip: Any, call: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """Conditional text features ``(N, K, D)`` of ``texts`` by the pipeline's own ``encode_prompt`` (with the call's
+    ``max_sequence_length`` / ``clean_caption`` / ``complex_human_instruction`` where it takes them), the pooled
+    embeddings ``(N, P)`` of SDXL / SD3 and the text attention mask ``(N, K)`` of PixArt / Sana (``None`` where
+    the pipeline has none)."""
     device = getattr(pipe, "_execution_device", None) or pipe.device
-    if "do_classifier_free_guidance" not in inspect.signature(pipe.encode_prompt).parameters:
+    params = inspect.signature(pipe.encode_prompt).parameters
+    if "do_classifier_free_guidance" not in params:
         raise NotImplementedError(
             f"prompt editing ([from:to:when]) is not supported on {type(pipe).__name__} yet (its pooled text vector "
             "would keep the first prompt); per-word weights work: drop the [from:to:when] part"
         )
     kwargs = dict(prompt=texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    kwargs.update({name: None for name in ("prompt_2", "prompt_3") if name in params})  # SD3: the same texts
+    kwargs.update({name: call[name] for name in _ENCODE_CALL_OPTIONS if name in params and name in call})
     if clip_skip is not None:
         kwargs["clip_skip"] = clip_skip
     with torch.no_grad():
         encoded = pipe.encode_prompt(**kwargs)
+    second = encoded[1] if len(encoded) > 1 else None
+    if isinstance(second, torch.Tensor) and second.ndim == 2 and not second.is_floating_point():  # PixArt / Sana
+        return encoded[0], None, second
     pooled = encoded[2] if len(encoded) == 4 and isinstance(encoded[2], torch.Tensor) else None
-    return encoded[0], pooled
+    return encoded[0], pooled, None
 
 
 def _weight_groups(per_step: list[tuple[dict, ...]]) -> list[tuple[list[int], tuple[dict, ...]]]:
@@ -141,7 +155,9 @@ def generate(
         raise ValueError("generate needs a pipeline with a tokenizer (StableDiffusionPipeline, StableDiffusionXLPipeline)")
     if seed is not None and pipe_kwargs.get("generator") is None:
         pipe_kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
-    negative_plain, negative_weights = _parse_negative(negative_prompt, compel, tokenizer, mode, pipe_kwargs.get("max_sequence_length"))
+    negative_plain, negative_weights = _parse_negative(
+        negative_prompt, compel, tokenizer, mode, pipe_kwargs.get("max_sequence_length")
+    )
     if negative_plain is not None:  # else the pipeline's own default ("" on PixArt / Sana, None on SD)
         pipe_kwargs["negative_prompt"] = negative_plain
 
@@ -175,8 +191,8 @@ def generate(
                     row.append(texts.index(text))
             table.append(row)
         if texts:
-            embeddings, pooled = _encode(pipe, texts, pipe_kwargs.get("clip_skip"))
-            controllers.append(PromptSchedule(embeddings, table, pooled))
+            embeddings, pooled, mask = _encode(pipe, texts, pipe_kwargs.get("clip_skip"), pipe_kwargs)
+            controllers.append(PromptSchedule(embeddings, table, pooled, mask))
         per_step = [tuple(weights_of(schedule[step]) for schedule in schedules) for step in range(total)]
         for steps, weights in _weight_groups(per_step):
             controllers.append(Reweight(list(weights), mode=mode, steps=None if len(steps) == total else steps))

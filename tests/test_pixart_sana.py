@@ -7,6 +7,9 @@ equal softmax(q·kᵀ/√d + mask) of the cross-attention inputs, weights and ed
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import json
 import math
 import warnings
@@ -456,3 +459,37 @@ def test_shorter_max_sequence_length_is_followed(request, which):
     assert maps.tokens.max_length == 12 and maps["green"].positions
     with pytest.raises(KeyError, match="cut off"):
         maps["yellow"]
+
+
+@pytest.mark.parametrize("which", ["pixart", "sana"])
+def test_prompt_editing_swaps_the_text_features_and_their_attention_mask(request, which):
+    """pc.generate "a [red:light blue:0.5] circle" (4 steps): from step 2 on the conditional row's text features
+    AND its encoder attention mask are those of "a light blue circle" by the pipeline's own encode_prompt (one
+    token longer than "a red circle": the old mask would hide its last word)."""
+    pipe = request.getfixturevalue(which)
+    run = _kwargs(pipe, steps=4, max_sequence_length=16)
+    extra = {"complex_human_instruction": None} if which == "sana" else {"clean_caption": False}
+    new, new_mask, _, _ = pipe.encode_prompt("a light blue circle", do_classifier_free_guidance=False,
+                                             max_sequence_length=16, **extra)
+    old_mask = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False, max_sequence_length=16,
+                                  **extra)[1]
+    assert not torch.equal(new_mask, old_mask)
+    seen = []
+    forward = pipe.transformer.forward
+
+    @functools.wraps(forward)  # the session binds the inputs by this signature
+    def grab(*args, **kwargs):  # runs after every forward pre-hook: the inputs the transformer gets
+        named = inspect.signature(forward).bind(*args, **kwargs).arguments
+        seen.append((named["encoder_hidden_states"][-1].clone(), named["encoder_attention_mask"][-1].clone()))
+        return forward(*args, **kwargs)
+
+    pipe.transformer.forward = grab
+    try:
+        pc.generate(pipe, "a [red:light blue:0.5] circle", seed=0, **run)
+    finally:
+        del pipe.transformer.forward
+    assert len(seen) == 4
+    for step, (text, mask) in enumerate(seen):
+        expected_mask = new_mask[0] if step >= 2 else old_mask[0]
+        assert torch.equal(mask.to(expected_mask.dtype), expected_mask), step
+    torch.testing.assert_close(seen[3][0], new[0].to(seen[3][0].dtype))

@@ -425,3 +425,25 @@ def test_an_edit_with_self_injection_runs_one_plain_sdpa_per_joint_site(sd3, mon
     pc.edit(sd3, "a red circle", "a blue circle", cross_steps=1.0, self_steps=1.0, seed=0, **RUN)
     head_dim = sd3.transformer.config.attention_head_dim  # (F is patched globally: the text encoders' calls count too)
     assert head_dim in widths and 2 * head_dim not in widths
+
+
+def test_prompt_editing_swaps_the_text_and_the_pooled_vector_like_the_pipelines_own_callback(sd3):
+    """pc.generate "a [red:blue:0.5] circle" (4 steps: "blue" from step 2 on) = the plain pipeline whose own
+    step-end callback swaps the conditional half of prompt_embeds and pooled_prompt_embeds to "a blue circle"'s
+    after step 1 — the text features and the pooled vector both follow the schedule."""
+    run = {**RUN, "num_inference_steps": 4, "guidance_scale": 7.5}
+    edited = pc.generate(sd3, "a [red:blue:0.5] circle", seed=0, **run)
+    blue, _, blue_pooled, _ = sd3.encode_prompt("a blue circle", None, None, do_classifier_free_guidance=False,
+                                                max_sequence_length=RUN["max_sequence_length"])
+
+    def swap(pipe, step, timestep, tensors):
+        if step == 1:  # after step 1: steps 2 and 3 use the new prompt (rows [uncond | cond])
+            tensors["prompt_embeds"][1:] = blue
+            tensors["pooled_prompt_embeds"][1:] = blue_pooled
+        return tensors
+
+    expected = sd3("a red circle", generator=torch.Generator().manual_seed(0), callback_on_step_end=swap,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds", "pooled_prompt_embeds"], **run).images
+    torch.testing.assert_close(torch.as_tensor(edited), expected, atol=1e-5, rtol=0)
+    text_only = sd3("a red circle", generator=torch.Generator().manual_seed(0), **run).images
+    assert not torch.allclose(torch.as_tensor(edited), text_only, atol=1e-5)  # the switch changed the image
