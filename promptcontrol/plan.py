@@ -14,6 +14,7 @@ whose queries and keys the term uses (``None``: its own). ``value_scale`` (B, K)
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -173,21 +174,25 @@ def on_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dty
     return tensor.to(device) if dtype is None else tensor.to(device=device, dtype=dtype)
 
 
-_ROW_INDEX: dict[tuple, torch.Tensor] = {}
-_ROW_INDEX_LIMIT = 64
+_ROW_INDEX: "weakref.WeakKeyDictionary[object, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-def row_index(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``rows`` (B,) long, a host tensor, on ``device`` — the same tensor object for the same rows and device,
-    so that plans of different controllers that pick the same rows (Replace's source rows and InjectSelf's) are
-    recognised by identity at every site without reading the device (a joint site then runs one plain SDPA
-    call instead of the concatenated-features one) and the rows are copied to the device once."""
+def row_index(rows: torch.Tensor, device: torch.device | str, owner: object = None) -> torch.Tensor:
+    """``rows`` (B,) long, a host tensor, on ``device`` — within one ``owner`` (the session the controllers are
+    bound to; its entries go with it) the same tensor object for the same rows and device, so that plans of
+    different controllers that pick the same rows (Replace's source rows and InjectSelf's) are recognised by
+    identity at every site without reading the device (a joint site then runs one plain SDPA call instead of the
+    concatenated-features one) and the rows are copied to the device once. No owner: a plain copy."""
+    try:
+        cache = _ROW_INDEX.setdefault(owner, {}) if owner is not None else None
+    except TypeError:  # an owner that takes no weak reference
+        cache = None
+    if cache is None:
+        return on_device(rows, device)
     key = (tuple(int(r) for r in rows.tolist()), str(device))  # host tensor: no device read
-    index = _ROW_INDEX.get(key)
+    index = cache.get(key)
     if index is None:
-        if len(_ROW_INDEX) >= _ROW_INDEX_LIMIT:
-            _ROW_INDEX.clear()
-        index = _ROW_INDEX[key] = on_device(rows, device)
+        index = cache[key] = on_device(rows, device)
     return index
 
 

@@ -287,3 +287,26 @@ def test_a_swap_of_equal_token_counts_runs_no_token_mixing():
     assert term.value_map is not None and torch.equal(term.value_map[1], spread)
     half = edit_plan(2, [(1, 0, eye, torch.full((size,), 0.5))], size)
     assert len(half.terms) == 2 and half.terms[0].value_scale is not None
+
+
+def test_shared_row_tensors_live_with_their_session_only(sd15):
+    """plan.row_index keeps the source-row tensors Replace and InjectSelf share per session: during the run both
+    use one object; once the session is gone, nothing of it stays in the module's cache."""
+    import gc
+
+    from promptcontrol import plan as plan_module
+    from promptcontrol.controllers.inject import InjectSelf
+
+    seen = []
+    replace, inject = pc.Replace(1.0), InjectSelf(1.0)
+
+    def grab(pipe, step, timestep, tensors):
+        seen.append((replace._plan.terms[0].qk_rows, inject._plan.terms[0].qk_rows))
+        return tensors
+
+    with pc.control(sd15, replace, inject):
+        sd15(["a red car", "a blue car"], num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+             callback_on_step_end=grab)
+    assert seen and all(a is b for a, b in seen)
+    gc.collect()
+    assert len(plan_module._ROW_INDEX) == 0

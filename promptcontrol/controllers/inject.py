@@ -75,6 +75,7 @@ class InjectSelf(Controller):
         self.levels = None if levels is None else tuple(int(v) for v in levels)
         self._at_site = _self_sites(self.levels or ())  # the default levels are set by bind()
         self._device: torch.device | str = "cpu"
+        self._session: SessionView | None = None
         self._plan: AttentionPlan = IDENTITY
 
     def applies_to(self, site: AttentionSite) -> bool:
@@ -97,9 +98,11 @@ class InjectSelf(Controller):
         self._at_site = lambda site: site.key in served
         param = next(session.unet.parameters(), None)
         self._device = param.device if param is not None else "cpu"
+        self._session = session  # the owner of the shared row tensors (plan.row_index)
 
     def unbind(self) -> None:
         self._plan = IDENTITY
+        self._session = None
 
     def begin_step(self, ctx: StepContext) -> None:
         self._plan = IDENTITY
@@ -113,7 +116,7 @@ class InjectSelf(Controller):
         rows = torch.arange(ctx.batch_size)
         for row, source_row in pairs:
             rows[row] = source_row
-        self._plan = AttentionPlan((AttentionTerm(qk_rows=row_index(rows, self._device)),))
+        self._plan = AttentionPlan((AttentionTerm(qk_rows=row_index(rows, self._device, self._session)),))
 
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
         if self._plan.is_identity or not self._at_site(site):

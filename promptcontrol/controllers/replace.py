@@ -42,6 +42,7 @@ def edit_plan(
     edits: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]],  # (row, source row, M (K,K), w (K,))
     size: int,
     device: torch.device | str = "cpu",
+    owner: object = None,
 ) -> AttentionPlan:
     """The fused plan that gives each ``row`` the map ``w * (P[source row] @ M) + (1 - w) * P[row]``.
 
@@ -69,7 +70,7 @@ def edit_plan(
     identity_map = bool((value_map == torch.eye(size)).all())
     all_ones = bool((first_scale == 1).all())
     first = AttentionTerm(  # built on the host, moved without a blocking copy
-        qk_rows=row_index(qk_rows, device),
+        qk_rows=row_index(qk_rows, device, owner),  # shared with InjectSelf's (same owner)
         value_scale=None if all_ones else on_device(first_scale, device),
         value_map=None if identity_map else on_device(value_map, device),
     )
@@ -98,6 +99,7 @@ class PromptEdit(Controller):
             raise ValueError(f"{self.name} needs a source prompt and at least one edited prompt, got {self.prompts!r}")
         self._tokenizer = None
         self._device: torch.device | str = "cpu"
+        self._session: SessionView | None = None
         self._prepared_for: tuple[str, ...] | None = None
         self._maps: list[TokenMap] = []  # one per edited prompt (prompt index 1..N)
         self._windows: list[list[tuple[object, list[int]]]] = []  # per edit: (window, token positions)
@@ -118,12 +120,14 @@ class PromptEdit(Controller):
             )
         param = next(session.unet.parameters(), None)
         self._device = param.device if param is not None else "cpu"
+        self._session = session  # the owner of the shared row tensors (plan.row_index)
         self._prepared_for = None
         if self.prompts is not None:
             self.prepare(self.prompts)
 
     def unbind(self) -> None:
         self._tokenizer = None
+        self._session = None
         self._plan, self._plan_key = IDENTITY, None
 
     def prepare(self, prompts: Sequence[str]) -> None:
@@ -184,7 +188,7 @@ class PromptEdit(Controller):
             return
         key = (self._prepared_for, ctx.layout, tuple(tuple(w.tolist()) for *_, w in edits))
         if key != self._plan_key:  # the plan changes only when a window opens or closes: build it then
-            self._plan = edit_plan(ctx.batch_size, edits, self._maps[0].size, self._device)
+            self._plan = edit_plan(ctx.batch_size, edits, self._maps[0].size, self._device, self._session)
             self._plan_key = key
 
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
