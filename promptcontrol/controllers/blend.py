@@ -173,16 +173,18 @@ class LocalBlend(Controller):
     def wants_probs(self, site: AttentionSite, ctx: StepContext) -> bool:
         return self.uses_site(site) and bool(edit_images(ctx.layout))
 
-    def _row_facts(self, layout, device) -> tuple:
-        """(rows, (R, K) blend-word tokens of each conditional row on ``device``, images of the rows), built once
-        per layout and device instead of at every call."""
-        key = (layout, device, self._prompts)
+    def _row_facts(self, layout, device, keys: int) -> tuple:
+        """(rows, (R, keys) blend-word tokens of each conditional row on ``device``, images of the rows), built once
+        per layout, device and key count instead of at every call. ``keys`` beyond the tokenizer's length (SD3's
+        joint keys: the CLIP tokens, then the T5 segment) hold no blend word; fewer keys cut the row."""
+        key = (layout, device, self._prompts, keys)
         if self._facts_key != key:
             rows = list(layout.cond_rows)
             first = rows[0] if rows else 0
             index = slice(first, first + len(rows)) if rows == list(range(first, first + len(rows))) else rows
             prompts = torch.tensor([layout.prompt_of_row[r] for r in rows])
-            tokens = self._tokens[prompts].to(device)  # (R, K)
+            tokens = self._tokens[prompts]  # (R, K)
+            tokens = F.pad(tokens, (0, keys - int(tokens.shape[-1]))).to(device)  # (R, keys)
             images = [layout.image_of_row[r] for r in rows]
             if images == list(range(len(images))):
                 images = slice(0, len(images))
@@ -190,10 +192,8 @@ class LocalBlend(Controller):
         return self._facts
 
     def record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor, plan: AttentionPlan) -> None:
-        rows, tokens, images, count = self._row_facts(ctx.layout, probs.device)
+        rows, tokens, images, count = self._row_facts(ctx.layout, probs.device, int(probs.shape[-1]))
         maps = maps_used(plan, probs)[rows]  # (R, heads, Q, K): the maps the rows used, after the edits
-        if maps.shape[-1] != tokens.shape[-1]:  # SD3's joint keys: the CLIP tokens, then the T5 segment (no word)
-            tokens = F.pad(tokens, (0, int(maps.shape[-1]) - int(tokens.shape[-1])))
         word_map = torch.einsum("rhqk,rk->rq", maps, tokens)  # summed over heads and tokens
         h, w = grid_from_length(ctx.latent_hw, int(maps.shape[2]))  # a transformer's patches: not the latent grid
         total = self._sums.get(site.level)
