@@ -173,9 +173,42 @@ def test_maps_by_level_without_the_maps_part_and_bad_map_sites_are_refused(captu
 
 def test_map_sites_are_passed_by_place_and_level(captured_evaluate):
     assert cli_module.main(["evaluate", "--random", "--only", "maps", "--map-sites", "up:0", "mid:1", "--quiet"]) == 0
-    rule = captured_evaluate[0]["map_sites"]
-    assert rule == evaluate.PlaceLevels((("up", 0), ("mid", 1))) and str(rule) == "up@0+mid@1"
+    rule = captured_evaluate[0]["map_rule"]
+    assert rule.sites == evaluate.PlaceLevels((("up", 0), ("mid", 1))) and str(rule.sites) == "up@0+mid@1"
+    assert rule.weighting == evaluate.MAP_RULE.weighting  # the part not given stays the default rule's
     assert captured_evaluate[0]["by_level"] is False
+
+
+def test_map_weighting_all_sites_blend_rule_and_seed_offset_reach_the_measurement(captured_evaluate):
+    argv = ["evaluate", "--random", "--map-sites", "all", "--map-weighting", "layer", "--blend-threshold", "0.45",
+            "--blend-levels", "0", "1", "--seed-offset", "7000", "--quiet"]
+    assert cli_module.main(argv) == 0
+    call = captured_evaluate[0]
+    assert call["map_rule"] == evaluate.MapRule(None, "layer")
+    assert call["blend_rule"] == evaluate.BlendRule(0.45, (0, 1)) and str(call["blend_rule"]) == "0.45@0+1"
+    sets, default = call["sets"], evaluate.PromptSets()
+    assert (sets.seed, sets.swap_seed, sets.weight_seed, sets.blend_seed, sets.invert_seed) == (
+        default.seed + 7000, default.swap_seed + 7000, default.weight_seed + 7000, default.blend_seed + 7000,
+        default.invert_seed + 7000)
+
+
+def test_only_the_blend_threshold_keeps_the_default_levels_and_bad_rules_are_refused(captured_evaluate, capsys):
+    assert cli_module.main(["evaluate", "--random", "--only", "blend", "--blend-threshold", "0.6", "--quiet"]) == 0
+    assert captured_evaluate[0]["blend_rule"] == evaluate.BlendRule(0.6, evaluate.BLEND_RULE.levels)
+    assert cli_module.main(["evaluate", "--random", "--blend-threshold", "1.5", "--quiet"]) == 2
+    assert "share of the map's maximum" in capsys.readouterr().err
+    assert cli_module.main(["evaluate", "--random", "--blend-levels", "x", "--quiet"]) == 2
+    assert "levels" in capsys.readouterr().err
+    assert len(captured_evaluate) == 1  # the refused ones measured nothing
+
+
+def test_the_blend_rule_makes_the_local_blend_it_names():
+    from promptcontrol.controllers.blend import LocalBlend
+
+    blend = evaluate.BlendRule(0.5, (0, 1)).controller([["red circle"], ["green circle"]])
+    assert isinstance(blend, LocalBlend) and blend.threshold == 0.5 and blend.levels == (0, 1)
+    default = evaluate.BlendRule().controller([["red circle"], ["green circle"]])
+    assert default.threshold == 0.3 and default.levels is None  # prompt-to-prompt's mask, LocalBlend's defaults
 
 
 def test_the_default_map_sites_are_the_old_blocks_on_the_embedded_shape():
@@ -218,6 +251,6 @@ def test_maps_by_level_runs_on_the_tiny_pipeline(tiny_folder, tmp_path, capsys):
     place, level = "up", 0
     alone = next(m for m in levels if (m["place"], m["level"]) == (place, level))["truth"]
     direct = evaluate.heatmap_truth(pipe, evaluate.eval_samples(evaluate.QUICK.maps, 1234), seed=1234, steps=2,
-                                    sites=evaluate.PlaceLevels(((place, level),)))
+                                    rule=evaluate.MapRule(evaluate.PlaceLevels(((place, level),))))
     assert alone["noun_miou"] == pytest.approx(direct.noun_miou, abs=1e-9)
     assert alone["adjective_miou"] == pytest.approx(direct.adjective_miou, abs=1e-9)

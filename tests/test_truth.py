@@ -160,7 +160,7 @@ SHUFFLE_SEED = 0
 def traced_maps(shipped_pipe):
     """The map captions (``eval_samples(16, 1234)``, caption i from seed 1234 + i) generated under ``pc.trace``
     as ``heatmap_truth`` does, with every word's map of each caption: ``[(generation, [map per word])]``."""
-    from promptcontrol.toy.evaluate import _best_sites, _occurrence, eval_samples, generate
+    from promptcontrol.toy.evaluate import MAP_RULE, _occurrence, eval_samples, generate
     from promptcontrol.tracing import trace
 
     samples = eval_samples(SETS.maps, SETS.seed)
@@ -168,7 +168,7 @@ def traced_maps(shipped_pipe):
         gens = generate(shipped_pipe, samples, seed=SETS.seed, steps=STEPS, guidance_scale=GUIDANCE)
     out = []
     for k, g in enumerate(gens):
-        hm, words = tr.heatmaps(k, sites=_best_sites), g.sample.caption.words
+        hm, words = MAP_RULE.heatmaps(tr, k), g.sample.caption.words
         out.append((g, [hm.word(w, occurrence=_occurrence(words, i)).numpy() for i, w in enumerate(words)]))
     return out
 

@@ -63,9 +63,18 @@ def add_evaluate(sub) -> None:
     p.add_argument("--maps-by-level", action="store_true",
                    help="also print noun / adjective map mIoU of each recorded (place, level) alone")
     p.add_argument("--map-sites", nargs="+", default=None, metavar="PLACE:LEVEL",
-                   help="sites of the map rows, e.g. down:0 up:1 (default: down:0 up:1, see docs/embedded-model.md)")
+                   help="sites of the map rows, e.g. down:0 up:1, or 'all' (every site but the mid block's); default: "
+                        "the map rule of docs/embedded-model.md")
+    p.add_argument("--map-weighting", default=None, choices=["level", "resolution", "layer"],
+                   help="how the map rows weigh the levels (default: the map rule of docs/embedded-model.md)")
+    p.add_argument("--blend-threshold", type=float, default=None,
+                   help="local-blend mask threshold, a share of the map's maximum (default: the blend rule)")
+    p.add_argument("--blend-levels", nargs="+", default=None, metavar="LEVEL",
+                   help="levels whose maps make the local-blend mask (default: the blend rule)")
     p.add_argument("-n", "--captions", type=positive_int, default=None, help="captions for caption accuracy (default 48)")
     p.add_argument("--seed", type=seed_value, default=1234, help="seed of the caption and map prompt set (default 1234)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="add this to every prompt set's seed (captions, swaps, weights, blends): fresh sets for a report")
     p.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=guidance_scale, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
@@ -228,12 +237,10 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
         raise CliError("--random and --model both given", "pick one model")
     if args.maps_by_level and "maps" not in parts:
         raise CliError("--maps-by-level breaks down the maps part, which --only leaves out", "add maps to --only")
-    try:
-        map_sites = evaluate._best_sites if args.map_sites is None else evaluate.PlaceLevels.parse(args.map_sites)
-    except ValueError as error:
-        raise CliError(str(error), "--map-sites takes PLACE:LEVEL pairs") from None
+    map_rule, blend_rule = _evaluate_rules(args, evaluate)
     sets = evaluate.QUICK if args.quick else evaluate.PromptSets()
     sets = replace(sets, seed=args.seed, **({} if args.captions is None else {"captions": args.captions}))
+    sets = sets.shifted(args.seed_offset)
     if args.out is not None:
         RunFolder(args.out, force=args.force)  # refuse a non-empty --out before measuring
     if args.random:
@@ -249,7 +256,8 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
 
     try:
         report = evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
-                                   progress=progress, map_sites=map_sites, by_level=args.maps_by_level)
+                                   progress=progress, map_rule=map_rule, blend_rule=blend_rule,
+                                   by_level=args.maps_by_level)
     except ValueError as error:
         if "no recorded site matches" not in str(error):
             raise
@@ -259,6 +267,33 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
     if args.out is None:
         return []
     return _write_report(args, report, table)
+
+
+def _evaluate_rules(args: argparse.Namespace, evaluate) -> tuple[Any, Any]:
+    """The map rule and blend rule of ``--map-sites`` / ``--map-weighting`` / ``--blend-threshold`` /
+    ``--blend-levels`` (each left out: the default rule's part)."""
+    from dataclasses import replace
+
+    from ..toy.blend_truth import BlendRule
+
+    map_rule = evaluate.MAP_RULE
+    if args.map_sites is not None:
+        try:
+            sites = None if args.map_sites == ["all"] else evaluate.PlaceLevels.parse(args.map_sites)
+        except ValueError as error:
+            raise CliError(str(error), "--map-sites takes PLACE:LEVEL pairs or 'all'") from None
+        map_rule = replace(map_rule, sites=sites)
+    if args.map_weighting is not None:
+        map_rule = replace(map_rule, weighting=args.map_weighting)
+    default = evaluate.BLEND_RULE
+    try:
+        blend_rule = BlendRule.parse(default.threshold if args.blend_threshold is None else args.blend_threshold,
+                                     None if args.blend_levels is None else args.blend_levels)
+    except ValueError as error:
+        raise CliError(str(error), "--blend-threshold takes a number in [0, 1), --blend-levels ints") from None
+    if args.blend_levels is None:
+        blend_rule = replace(blend_rule, levels=default.levels)
+    return map_rule, blend_rule
 
 
 def _write_report(args: argparse.Namespace, report, table: str) -> list[str]:

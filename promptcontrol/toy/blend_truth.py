@@ -5,6 +5,9 @@ use), edited with ``pc.edit(src, dst, cross_steps=0.8, self_steps=0.4, blend=[[s
 where the phrase is the object's adjective and noun (``"red circle"`` → ``"green circle"``: unique in the
 caption, as colours never repeat):
 
+The blend mask's rule is a :class:`BlendRule` (threshold, levels; default prompt-to-prompt's: 0.3 on the
+coarsest level, as ``pc.LocalBlend``'s defaults).
+
 * **generated**: ``world.dataset(n, blend_seed, n_objects=2)``, swap ``j`` from generator seed
   ``blend_seed + j``; the edit is compared with the source image it was made beside;
 * **inverted**: ``world.dataset(n, invert_seed, n_objects=2)`` rendered by ``world.render`` (not generated),
@@ -94,6 +97,33 @@ def object_mask(before: np.ndarray, after: np.ndarray, old: str, new: str) -> np
 # --------------------------------------------------------------------------- the swaps
 
 @dataclass(frozen=True)
+class BlendRule:
+    """The local-blend mask rule a measurement uses: ``pc.LocalBlend(words, threshold, levels=levels)``
+    (``levels=None``: LocalBlend's default, the coarsest cross-attention level). Prints as ``0.3@default``."""
+
+    threshold: float = 0.3
+    levels: tuple[int, ...] | None = None
+
+    def controller(self, words):
+        from ..controllers.blend import LocalBlend
+
+        return LocalBlend(words, self.threshold, levels=self.levels)
+
+    def __str__(self) -> str:
+        levels = "default" if self.levels is None else "+".join(str(v) for v in self.levels)
+        return f"{self.threshold:g}@{levels}"
+
+    @classmethod
+    def parse(cls, threshold: float, levels: list[str] | None) -> "BlendRule":
+        """From ``--blend-threshold`` and ``--blend-levels`` (ints >= 0; ``None``: the default level)."""
+        if levels is not None and not all(v.isdigit() for v in levels):
+            raise ValueError(f"blend levels {levels} are not levels (ints 0, 1, ...), e.g. 0 1")
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"blend threshold {threshold} is not a share of the map's maximum in [0, 1)")
+        return cls(float(threshold), None if levels is None else tuple(int(v) for v in levels))
+
+
+@dataclass(frozen=True)
 class BlendSwap:
     """One local-blend colour swap: prompts, the edited object's colours and its phrase in each prompt."""
 
@@ -177,21 +207,22 @@ def _score(reference, edited, source, result, swap: BlendSwap) -> tuple[float, f
     return psnr_outside(reference, edited, mask), float("nan") if blend is None else blend_mask_iou(blend, mask)
 
 
-def _blend_edit(pipe, source, swap: BlendSwap, **kwargs):
-    """``pc.edit`` 0.8 / 0.4 with local blend on the edited object's phrase in each prompt (numpy images)."""
+def _blend_edit(pipe, source, swap: BlendSwap, rule: BlendRule, **kwargs):
+    """``pc.edit`` 0.8 / 0.4 with local blend (``rule``) on the edited object's phrase in each prompt (numpy
+    images)."""
     from ..editing import edit
 
     return edit(pipe, source, swap.edited, cross_steps=0.8, self_steps=0.4,
-                blend=[[swap.source_phrase], [swap.edited_phrase]], output_type="np", **kwargs)
+                blend=rule.controller([[swap.source_phrase], [swap.edited_phrase]]), output_type="np", **kwargs)
 
 
 @torch.no_grad()
-def generated_blends(pipe, n: int, seed: int, *, steps: int = 20) -> BlendScores:
+def generated_blends(pipe, n: int, seed: int, *, steps: int = 20, rule: BlendRule = BlendRule()) -> BlendScores:
     """Local-blend swaps of generated scenes (swap j from generator seed ``seed + j``) against their source."""
     psnrs, ious = [], []
     for j, sample in enumerate(blend_samples(n, seed)):
         swap = blend_swap(sample)
-        result = _blend_edit(pipe, swap.source, swap, seed=seed + j, num_inference_steps=steps)
+        result = _blend_edit(pipe, swap.source, swap, rule, seed=seed + j, num_inference_steps=steps)
         p, m = _score(result.images[0], result.images[1], result.images[0], result, swap)
         psnrs.append(p)
         ious.append(m)
@@ -199,7 +230,8 @@ def generated_blends(pipe, n: int, seed: int, *, steps: int = 20) -> BlendScores
     return BlendScores(tuple(psnrs), tuple(ious), scenes)
 
 
-def inverted_blends(pipe, n: int, seed: int, *, steps: int = 20) -> tuple[BlendScores, tuple[float, ...]]:
+def inverted_blends(pipe, n: int, seed: int, *, steps: int = 20,
+                    rule: BlendRule = BlendRule()) -> tuple[BlendScores, tuple[float, ...]]:
     """Local-blend swaps of rendered world images inverted with null-text, against the reconstruction; also the
     reconstructions' whole-image PSNR against the rendered input."""
     from ..inversion import invert, psnr
@@ -209,7 +241,7 @@ def inverted_blends(pipe, n: int, seed: int, *, steps: int = 20) -> tuple[BlendS
         swap = blend_swap(sample)
         inv = invert(pipe, sample.image, swap.source, steps=steps, method="null-text", progress=False)
         with torch.no_grad():
-            result = _blend_edit(pipe, inv, swap)
+            result = _blend_edit(pipe, inv, swap, rule)
         rebuilt = as_uint8(inv.reconstruction)
         p, m = _score(rebuilt, result.images[1], sample.image, result, swap)
         psnrs.append(p)
@@ -220,10 +252,10 @@ def inverted_blends(pipe, n: int, seed: int, *, steps: int = 20) -> tuple[BlendS
 
 
 def blend_truth(pipe, *, n_generated: int, n_inverted: int, blend_seed: int, invert_seed: int,
-                steps: int = 20) -> BlendTruth:
-    """Both kinds of local-blend swap (see the module docstring)."""
-    generated = generated_blends(pipe, n_generated, blend_seed, steps=steps)
-    inverted, recon = inverted_blends(pipe, n_inverted, invert_seed, steps=steps)
+                steps: int = 20, rule: BlendRule = BlendRule()) -> BlendTruth:
+    """Both kinds of local-blend swap (see the module docstring), with the blend mask of ``rule``."""
+    generated = generated_blends(pipe, n_generated, blend_seed, steps=steps, rule=rule)
+    inverted, recon = inverted_blends(pipe, n_inverted, invert_seed, steps=steps, rule=rule)
     return BlendTruth(generated, inverted, recon)
 
 

@@ -15,9 +15,9 @@ Pipeline of the measurement:
 The heat-map measurements (noun/adjective mIoU, own-object preference, edit layout IoU, weight
 monotonicity) reuse ``Generation`` (the image and its segments per caption object) and ``iou``; they add
 fields to ``TruthReport`` (:mod:`promptcontrol.toy.report`), which prints every measured row in ``table()`` with issue 16's targets. The map
-sites are a rule (``map_sites``, default :data:`_best_sites`, by place and level); ``by_level`` adds the
-maps of each recorded (place, level) alone. The local-blend part (``blend``) is in
-:mod:`promptcontrol.toy.blend_truth`.
+maps are read by a :class:`MapRule` (sites by place and level, level weighting; default :data:`MAP_RULE`);
+``by_level`` adds the maps of each recorded (place, level) alone. The local-blend part (``blend``, its mask rule
+a :class:`~.blend_truth.BlendRule`, default :data:`BLEND_RULE`) is in :mod:`promptcontrol.toy.blend_truth`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import world
-from .blend_truth import blend_truth
+from .blend_truth import BlendRule, blend_truth
 from .report import TruthReport  # noqa: F401 (callers import it from here)
 from .results import CaptionAccuracy, EditTruth, HeatmapTruth, LevelMaps, WeightTruth
 from .results import PairedMargin, paired_margin  # noqa: F401 (callers import them from here)
@@ -144,10 +144,31 @@ class PlaceLevels:
 
 
 _best_sites = PlaceLevels((("down", 0), ("up", 1), ("transformer", 0)))
-"""The default map sites: on a UNet, down blocks at level 0 (full latent grid) and up blocks at level 1 — on the
-embedded model (v2) ``down_blocks.0`` + ``up_blocks.0``, the sites issue 6 measured best there; on a transformer
-(one token grid, level 0) every block that sees the text. ``--maps-by-level`` measures every (place, level) so
-the rule can be chosen from measurement."""
+"""Issue 6's map sites: on a UNet, down blocks at level 0 (full latent grid) and up blocks at level 1 — on the v2
+embedded model ``down_blocks.0`` + ``up_blocks.0``, the sites measured best there; on a transformer (one token
+grid, level 0) every block that sees the text. ``--maps-by-level`` measures every (place, level)."""
+
+
+@dataclass(frozen=True)
+class MapRule:
+    """How the map rows read a trace: ``tr.heatmaps(k, sites=sites, weighting=weighting)``.
+
+    ``sites=None`` is ``heatmaps``' default (every recorded site but the mid block's); ``weighting`` one of
+    ``heatmaps``' level weightings (``"level"``, ``"resolution"``, ``"layer"``). A rule by place, level and
+    resolution, never by block index, so the same rule reads every model."""
+
+    sites: object = None
+    weighting: str = "level"
+
+    def heatmaps(self, tr, k: int):
+        return tr.heatmaps(k, sites=self.sites, weighting=self.weighting)
+
+    def __str__(self) -> str:
+        return f"{'every site but mid' if self.sites is None else self.sites}, {self.weighting} weighting"
+
+
+MAP_RULE = MapRule(_best_sites, "level")
+"""The map rule of ``evaluate`` (see docs/embedded-model.md, "Map rule", for the measurement it was chosen on)."""
 
 
 def _occurrence(words: list[str], index: int) -> int:
@@ -187,11 +208,12 @@ def score_maps(gens: list[Generation], maps: list, threshold: float = HEAT_THRES
 
 
 def heatmap_truth(pipe, samples: list[world.Sample], *, seed: int = 0, steps: int = 20,
-                  guidance_scale: float = 7.5, threshold: float = HEAT_THRESHOLD, sites=_best_sites) -> HeatmapTruth:
-    """Generate each caption under ``pc.trace`` and score its maps from ``sites`` (any ``sites=`` spec,
-    default :data:`_best_sites`) with :func:`score_maps`."""
+                  guidance_scale: float = 7.5, threshold: float = HEAT_THRESHOLD,
+                  rule: MapRule = MAP_RULE) -> HeatmapTruth:
+    """Generate each caption under ``pc.trace`` and score its maps, read with ``rule`` (default
+    :data:`MAP_RULE`), with :func:`score_maps`."""
     gens, tr = traced_generations(pipe, samples, seed=seed, steps=steps, guidance_scale=guidance_scale)
-    return score_maps(gens, [tr.heatmaps(k, sites=sites) for k in range(len(gens))], threshold)
+    return score_maps(gens, [rule.heatmaps(tr, k) for k in range(len(gens))], threshold)
 
 
 def recorded_place_levels(tr) -> list[tuple[tuple[str, int], int]]:
@@ -313,6 +335,18 @@ class PromptSets:
     invert_seed: int = 2025  # fresh: world.dataset(inversions, 2025, n_objects=2)
 
 
+    def shifted(self, offset: int) -> "PromptSets":
+        """The same sets with every seed + ``offset`` (fresh prompts and seeds for a report)."""
+        from dataclasses import replace
+
+        return replace(self, seed=self.seed + offset, swap_seed=self.swap_seed + offset,
+                       weight_seed=self.weight_seed + offset, blend_seed=self.blend_seed + offset,
+                       invert_seed=self.invert_seed + offset)
+
+
+BLEND_RULE = BlendRule()
+"""The local-blend mask rule of ``evaluate`` (see docs/embedded-model.md, "Blend rule")."""
+
 WEIGHT_MODES = ("attention", "embedding")
 """pc.generate's default (the P2P equalizer) and A1111's embedding scaling: both measured, as they differ here."""
 QUICK = PromptSets(captions=16, maps=8, swaps=4, weights=4, blends=4, inversions=2)
@@ -329,12 +363,13 @@ def check_parts(parts: tuple[str, ...]) -> None:
 
 
 def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = PARTS, steps: int = 20,
-             guidance_scale: float = 7.5, progress=None, map_sites=_best_sites,
-             by_level: bool = False) -> TruthReport:
+             guidance_scale: float = 7.5, progress=None, map_rule: MapRule = MAP_RULE,
+             blend_rule: BlendRule = BLEND_RULE, by_level: bool = False) -> TruthReport:
     """Measure ``pipe`` on the world's ground truth; ``parts`` picks the measurements (see ``PARTS``).
 
-    ``map_sites``: the ``sites=`` rule of the map measurement (default :data:`_best_sites`); ``by_level``: also
-    score the maps of each recorded (place, level) alone, from the same images (needs the ``maps`` part).
+    ``map_rule``: how the map rows read the trace (default :data:`MAP_RULE`); ``blend_rule``: the local-blend
+    mask of the blend part (default :data:`BLEND_RULE`); ``by_level``: also score the maps of each recorded
+    (place, level) alone, from the same images (needs the ``maps`` part).
     ``progress(part)`` is called before each part (e.g. to print it). The edit, weight and blend parts use
     guidance 7.5 through ``pc.edit`` / ``pc.generate`` defaults and the given steps.
     """
@@ -342,19 +377,20 @@ def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = 
     if by_level and "maps" not in parts:
         raise ValueError("the by-level breakdown scores the maps part: add 'maps' to the parts")
     pipe.set_progress_bar_config(disable=True)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, "map_sites": str(map_sites), **asdict(sets)}
+    settings = {"steps": steps, "guidance_scale": guidance_scale, "map_rule": str(map_rule),
+                "blend_rule": str(blend_rule), **asdict(sets)}
     report = TruthReport(settings=settings)
     for part in PARTS:
         if part not in parts:
             continue
         if progress is not None:
             progress(part)
-        _measure(report, part, pipe, sets, steps, guidance_scale, map_sites, by_level)
+        _measure(report, part, pipe, sets, steps, guidance_scale, map_rule, blend_rule, by_level)
     return report
 
 
 def _measure(report: TruthReport, part: str, pipe, sets: PromptSets, steps: int, guidance_scale: float,
-             map_sites, by_level: bool) -> None:
+             map_rule: MapRule, blend_rule: BlendRule, by_level: bool) -> None:
     """Run one part of :func:`evaluate` and store its result in ``report``."""
     if part == "captions":
         gens = generate(pipe, eval_samples(sets.captions, sets.seed), seed=sets.seed, steps=steps,
@@ -363,7 +399,7 @@ def _measure(report: TruthReport, part: str, pipe, sets: PromptSets, steps: int,
     elif part == "maps":
         gens, tr = traced_generations(pipe, eval_samples(sets.maps, sets.seed), seed=sets.seed, steps=steps,
                                       guidance_scale=guidance_scale)
-        report.heatmaps = score_maps(gens, [tr.heatmaps(k, sites=map_sites) for k in range(len(gens))])
+        report.heatmaps = score_maps(gens, [map_rule.heatmaps(tr, k) for k in range(len(gens))])
         if by_level:
             report.maps_by_level = maps_by_level(gens, tr)
     elif part == "edits":
@@ -374,7 +410,8 @@ def _measure(report: TruthReport, part: str, pipe, sets: PromptSets, steps: int,
                           for mode in WEIGHT_MODES]
     else:
         report.blend = blend_truth(pipe, n_generated=sets.blends, n_inverted=sets.inversions,
-                                   blend_seed=sets.blend_seed, invert_seed=sets.invert_seed, steps=steps)
+                                   blend_seed=sets.blend_seed, invert_seed=sets.invert_seed, steps=steps,
+                                   rule=blend_rule)
 
 
 if __name__ == "__main__":
