@@ -254,3 +254,22 @@ def test_maps_by_level_runs_on_the_tiny_pipeline(tiny_folder, tmp_path, capsys):
                                     rule=evaluate.MapRule(evaluate.PlaceLevels(((place, level),))))
     assert alone["noun_miou"] == pytest.approx(direct.noun_miou, abs=1e-9)
     assert alone["adjective_miou"] == pytest.approx(direct.adjective_miou, abs=1e-9)
+
+
+def test_random_toy_sd3_is_the_sd3_shape_and_random_alone_is_the_unet_one(monkeypatch, tmp_path):
+    """``--random toy-sd3`` measures a random SD3-architecture pipeline; bare ``--random`` the UNet toy shape."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    seen = []
+
+    def fake(pipe, **kwargs):
+        seen.append(pipe)
+        return _hand_report()
+
+    monkeypatch.setattr(evaluate, "evaluate", fake)
+    assert cli_module.main(["evaluate", "--random", "toy-sd3", "--quiet", "--out", str(tmp_path / "a")]) == 0
+    assert cli_module.main(["evaluate", "--random", "--quiet", "--out", str(tmp_path / "b")]) == 0
+    assert isinstance(seen[0], StableDiffusion3Pipeline) and not hasattr(seen[0], "unet")
+    assert isinstance(seen[1], StableDiffusionPipeline)
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["model"] == "random toy-sd3"
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["model"] == "random"

@@ -55,7 +55,9 @@ def add_evaluate(sub) -> None:
     """Its own options (not the common block): the measurement's defaults differ (cpu, seed 1234, no --out)."""
     p = sub.add_parser("evaluate", help="measure a model against the toy world's ground truth (embedded model)")
     p.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded toy model)")
-    p.add_argument("--random", action="store_true", help="a random-weight model of the embedded shape (the baseline)")
+    p.add_argument("--random", nargs="?", const="toy", default=None, choices=["toy", "toy-sd3"],
+                   help="a random-weight model of an embedded model's shape (the baseline): toy (default) or toy-sd3 "
+                        "(random transformer and text encoders over toy-sd3's autoencoder)")
     p.add_argument("--only", nargs="+", default=None, metavar="PART",
                    help="measure only these: captions, maps, edits, weights, blend (default: all)")
     p.add_argument("--quick", action="store_true",
@@ -244,9 +246,7 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
     if args.out is not None:
         RunFolder(args.out, force=args.force)  # refuse a non-empty --out before measuring
     if args.random:
-        from ..toy.model import build_pipeline
-
-        pipe = build_pipeline().to(args.device)
+        pipe = _random_pipeline(args.random).to(args.device)
     else:
         pipe = load(args)
 
@@ -267,6 +267,24 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
     if args.out is None:
         return []
     return _write_report(args, report, table)
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    """``random`` (toy shape), ``random toy-sd3``, the ``--model`` given, or ``embedded``."""
+    if args.random:
+        return "random" if args.random == "toy" else f"random {args.random}"
+    return args.model or "embedded"
+
+
+def _random_pipeline(name: str) -> Any:
+    """The random-weight baseline of embedded model ``name`` (``"toy"`` or ``"toy-sd3"``), seed 0."""
+    if name == "toy-sd3":
+        from ..toy.model_sd3 import build_pipeline as build_sd3
+
+        return build_sd3()
+    from ..toy.model import build_pipeline
+
+    return build_pipeline()
 
 
 def _evaluate_rules(args: argparse.Namespace, evaluate) -> tuple[Any, Any]:
@@ -306,7 +324,7 @@ def _write_report(args: argparse.Namespace, report, table: str) -> list[str]:
         run.file("report.md").write_text(table + "\n")
         payload = {"rows": [dict(zip(("metric", "value", "target", "over"), r)) for r in report.rows()],
                    "measurements": {k: v for k, v in asdict(report).items() if k != "settings" and v is not None},
-                   "settings": report.settings, "model": "random" if args.random else (args.model or "embedded")}
+                   "settings": report.settings, "model": _model_label(args)}
         run.write_json("report.json", payload)
         run.write_json("run.json", run_record("evaluate", parameters(args), ["report.md", "report.json", "run.json"]))
     return [f"{args.out}/{f}" for f in ("report.md", "report.json", "run.json")]
