@@ -273,3 +273,37 @@ def test_random_toy_sd3_is_the_sd3_shape_and_random_alone_is_the_unet_one(monkey
     assert isinstance(seen[1], StableDiffusionPipeline)
     assert json.loads((tmp_path / "a" / "report.json").read_text())["model"] == "random toy-sd3"
     assert json.loads((tmp_path / "b" / "report.json").read_text())["model"] == "random"
+
+
+def test_only_concepts_prints_the_concept_rows_on_toy_sd3_and_is_refused_on_a_unet(tiny_folder, capsys):
+    """``--only concepts``: ConceptAttention maps vs raw attention on an SD3 model (toy-sd3, 1 step, 8 captions);
+    a UNet model is refused with the reason before anything is measured."""
+    from promptcontrol.loading import EMBEDDED_MODELS
+
+    assert cli_module.main(["evaluate", "--model", str(tiny_folder), "--only", "concepts", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "joint attention" in err and "--model toy-sd3" in err
+    if not (EMBEDDED_MODELS["toy-sd3"][0] / "model_index.json").is_file():
+        pytest.skip("toy-sd3 not shipped")
+    assert cli_module.main(["evaluate", "--model", "toy-sd3", "--only", "concepts", "captions", "--quick",
+                            "--steps", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for metric in ("noun mIoU, raw attention", "noun mIoU, concept map", "noun mIoU, concept - raw (paired)",
+                   "background mIoU, concept map (not in prompt)", "colour accuracy"):
+        assert metric in printed, metric
+
+
+def test_blend_truth_on_a_flow_model_measures_the_generated_swaps_and_says_why_not_the_inverted(monkeypatch):
+    """SD3 has no ``pc.invert``: the generated swaps are measured, the inverted rows are nan and name the reason."""
+    from promptcontrol.testing_sd3 import tiny_sd3
+    from promptcontrol.toy import blend_truth as bt
+
+    calls = []
+    monkeypatch.setattr(bt, "generated_blends", lambda pipe, n, seed, **kw: calls.append((n, seed)) or
+                        BlendScores((31.0,), (0.5,), "generated scenes"))
+    monkeypatch.setattr(bt, "inverted_blends", lambda *a, **kw: pytest.fail("inverted a flow model"))
+    truth = bt.blend_truth(tiny_sd3(), n_generated=1, n_inverted=2, blend_seed=5, invert_seed=6)
+    rows = {m: (v, n) for m, v, _, n in bt.blend_rows(truth)}
+    assert calls == [(1, 5)] and rows["blend PSNR outside object, generated (mean)"][0] == 31.0
+    assert math.isnan(rows["blend PSNR outside object, inverted (mean)"][0])
+    assert "needs a UNet model" in rows["blend PSNR outside object, inverted (mean)"][1]

@@ -59,7 +59,8 @@ def add_evaluate(sub) -> None:
                    help="a random-weight model of an embedded model's shape (the baseline): toy (default) or toy-sd3 "
                         "(random transformer and text encoders over toy-sd3's autoencoder)")
     p.add_argument("--only", nargs="+", default=None, metavar="PART",
-                   help="measure only these: captions, maps, edits, weights, blend (default: all)")
+                   help="measure only these: captions, maps, edits, weights, blend (default: all), and concepts "
+                        "(SD3 / Flux only: ConceptAttention maps vs raw attention, never in the default)")
     p.add_argument("--quick", action="store_true",
                    help="smaller prompt sets (16 captions, 8 maps, 4 swaps, 4 weights, 4 + 2 blend swaps)")
     p.add_argument("--maps-by-level", action="store_true",
@@ -231,10 +232,13 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
     from ..toy import evaluate
 
     parts = tuple(args.only) if args.only else evaluate.PARTS
+    concepts = "concepts" in parts  # measured by toy.concept_truth, after evaluate's parts
+    parts = tuple(p for p in parts if p != "concepts")
     try:
-        evaluate.check_parts(parts)  # before loading the model
+        if parts or not concepts:
+            evaluate.check_parts(parts)  # before loading the model
     except ValueError as error:
-        raise CliError(str(error), "--only takes measurement names") from None
+        raise CliError(str(error), "--only takes measurement names (and concepts)") from None
     if args.random and args.model:
         raise CliError("--random and --model both given", "pick one model")
     if args.maps_by_level and "maps" not in parts:
@@ -254,19 +258,39 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
         if not args.quiet:
             print(f"measuring {part} ...", file=sys.stderr, flush=True)
 
+    if concepts:
+        _check_concepts(pipe)
     try:
-        report = evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
-                                   progress=progress, map_rule=map_rule, blend_rule=blend_rule,
-                                   by_level=args.maps_by_level)
+        report = (evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
+                                    progress=progress, map_rule=map_rule, blend_rule=blend_rule,
+                                    by_level=args.maps_by_level)
+                  if parts else evaluate.TruthReport(settings={"steps": args.steps, "guidance_scale": args.guidance,
+                                                               "map_rule": str(map_rule), "seed": sets.seed}))
     except ValueError as error:
         if "no recorded site matches" not in str(error):
             raise
         raise CliError(str(error), "pick recorded sites with --map-sites PLACE:LEVEL ...") from None
+    if concepts:
+        from ..toy.concept_truth import concept_truth
+
+        progress("concepts")
+        report.concepts = concept_truth(pipe, evaluate.eval_samples(sets.maps, sets.seed), seed=sets.seed,
+                                        steps=args.steps, guidance_scale=args.guidance, raw_rule=map_rule)
     table = report.table()
     print(table)
     if args.out is None:
         return []
     return _write_report(args, report, table)
+
+
+def _check_concepts(pipe) -> None:
+    """Refuse ``--only concepts`` on a pipeline without joint attention, before anything is measured."""
+    from ..toy.concept_truth import check_joint
+
+    try:
+        check_joint(pipe)
+    except ValueError as error:
+        raise CliError(str(error), "--only concepts needs an SD3 / SD3.5 or Flux.1 model, e.g. --model toy-sd3") from None
 
 
 def _model_label(args: argparse.Namespace) -> str:

@@ -12,7 +12,8 @@ coarsest level, as ``pc.LocalBlend``'s defaults).
   ``blend_seed + j``; the edit is compared with the source image it was made beside;
 * **inverted**: ``world.dataset(n, invert_seed, n_objects=2)`` rendered by ``world.render`` (not generated),
   inverted with ``pc.invert`` (null-text, the measurement's steps, guidance 7.5) under its caption, edited from
-  the inversion; the edit is compared with the inversion's reconstruction.
+  the inversion; the edit is compared with the inversion's reconstruction. Only on UNet models (``pc.invert``
+  does not invert flow-matching transformers): elsewhere the inverted rows are ``nan`` and say why.
 
 Per swap: the **object mask** is the union of the edited object's segment in the source (its old colour; for an
 inverted scene, the rendered image) and in the edit (its new colour), from :func:`~.segment.segment`;
@@ -32,6 +33,7 @@ from . import world
 from .segment import iou, segment
 
 PSNR_TARGET = ">= 30 dB"
+NOT_INVERTED = "not measured: pc.invert (DDIM, null-text) needs a UNet model; flow-matching models are not inverted"
 
 
 # --------------------------------------------------------------------------- metrics on arrays
@@ -255,6 +257,8 @@ def blend_truth(pipe, *, n_generated: int, n_inverted: int, blend_seed: int, inv
                 steps: int = 20, rule: BlendRule = BlendRule()) -> BlendTruth:
     """Both kinds of local-blend swap (see the module docstring), with the blend mask of ``rule``."""
     generated = generated_blends(pipe, n_generated, blend_seed, steps=steps, rule=rule)
+    if getattr(pipe, "unet", None) is None:  # pc.invert is DDIM / null-text: not on flow-matching transformers
+        return BlendTruth(generated, BlendScores((), (), NOT_INVERTED), ())
     inverted, recon = inverted_blends(pipe, n_inverted, invert_seed, steps=steps, rule=rule)
     return BlendTruth(generated, inverted, recon)
 

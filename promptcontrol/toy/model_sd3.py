@@ -6,7 +6,8 @@
   of 2, ``hidden_states[-2]``; the shape of the UNet toy model's encoder so that ``--init-text`` can start it);
 - ``text_encoder_2``: the same kind, 16 wide; both share the package's real CLIP tokenizer;
 - ``text_encoder_3 = None``: the stock pipeline then appends ``max_sequence_length`` (256) zero vectors;
-- the VAE comes from an existing ``AutoencoderKL`` folder (``load_vae``), not trained here;
+- the VAE comes from an existing ``AutoencoderKL`` folder (``load_vae``), not trained here: by default the one
+  shipped inside toy-sd3 (``assets/toy-sd3/vae``, the ×4 autoencoder of the v2 UNet toy model);
 - ``FlowMatchEulerDiscreteScheduler`` (rectified flow, velocity ε − x0), ``shift`` 1.0 by default.
 
 Pooled text: with ``pooled=False`` (the default) both encoders' ``text_projection`` is zero and stays frozen, so
@@ -25,8 +26,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from .model import EMBEDDED, TOKENIZER, build_tokenizer
 
-DEFAULT_VAE = EMBEDDED / "vae"
-"""The UNet toy model's autoencoder: 32×32×3 ↔ 8×8×4 (×4)."""
+DEFAULT_VAE = EMBEDDED.parent / "toy-sd3" / "vae"
+"""toy-sd3's autoencoder, 32×32×3 ↔ 8×8×4 (×4): the v2 UNet toy model's (trained by ``toy.train``'s first stage;
+the UNet model now ships a ×2 one), kept inside the SD3 model's folder."""
 
 T5_TOKENS = 256
 """The stock pipeline's default ``max_sequence_length``: how many zero T5 vectors it appends without T5."""

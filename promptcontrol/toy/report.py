@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .blend_truth import BlendTruth, blend_rows
 from .results import CaptionAccuracy, EditTruth, HeatmapTruth, LevelMaps, WeightTruth
@@ -21,6 +22,7 @@ class TruthReport:
     weights: list[WeightTruth] | None = None  # one per mode of WEIGHT_MODES
     blend: BlendTruth | None = None
     maps_by_level: list[LevelMaps] | None = None  # with --maps-by-level: the maps of each (place, level) alone
+    concepts: Any = None  # the ``concepts`` part (toy.concept_truth.ConceptTruth): anything with ``rows()``
 
     def rows(self) -> list[tuple[str, float, str, str]]:
         """(metric, value, target, counted over) for every measured number; targets are issue 16's."""
@@ -42,6 +44,8 @@ class TruthReport:
             out.append((f"rising monotonically, {w.mode}", w.monotonic, ">= 7/8", f"{w.n_prompts} prompts"))
         if self.blend is not None:
             out += blend_rows(self.blend)
+        if self.concepts is not None:
+            out += self.concepts.rows()
         return out
 
     def table(self) -> str:
