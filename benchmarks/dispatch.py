@@ -104,9 +104,11 @@ def _controlled_sites(pipe, controllers: tuple) -> int:
 
 
 class AttentionClock:
-    """Time spent inside every ``Attention.forward`` (processor included), while installed."""
+    """Time spent inside every ``Attention.forward`` (processor included), while installed. ``timer``: the clock
+    (the CPU time of the calling thread on CPU, as the pipeline's own timing uses CPU time: on a shared machine a
+    wall clock also counts the time other processes hold the core; the wall clock on CUDA)."""
 
-    def __init__(self):
+    def __init__(self, timer: Callable[[], float] = time.perf_counter):
         from diffusers.models.attention_processor import Attention
 
         self.cls, self.original = Attention, Attention.forward
@@ -114,9 +116,9 @@ class AttentionClock:
         clock = self
 
         def forward(module, *args, **kwargs):
-            start = time.perf_counter()
+            start = timer()
             out = clock.original(module, *args, **kwargs)
-            clock.total += time.perf_counter() - start
+            clock.total += timer() - start
             clock.calls += 1
             return out
 
@@ -228,7 +230,7 @@ def measure(forwards: int = 200, rounds: int = 11, device: str = "cpu", dtype=to
         _time_one(pipe, case, 2, device)
     best = [float("inf")] * len(all_cases)
     inside = [float("inf")] * len(all_cases)
-    with AttentionClock() as attention_clock:
+    with AttentionClock(time.perf_counter if device.startswith("cuda") else time.thread_time) as attention_clock:
         for _ in range(rounds):
             for i, case in enumerate(all_cases):
                 best[i] = min(best[i], _time_one(pipe, case, forwards, device, attention_clock))
@@ -277,7 +279,7 @@ def table(results: list[DispatchResult], title: str) -> str:
         "",
         "µs / attention call: the pipeline's time over stock per forward / 14 attention calls; µs / controlled call: "
         "the same over the calls that run a promptcontrol processor; inside attention: time inside Attention.forward "
-        "per call (all 14) over stock's — the processor's own cost, without the rest of the pipeline's noise; "
+        "per call (all 14; thread CPU time on CPU) over stock's — the processor's own cost, without the rest of the pipeline's noise; "
         "kernels: the tensor ops that do work (not views or no-op casts) in one denoising step, over stock's, per "
         "controlled call — each is a kernel launch on a GPU, and the one column here free of this machine's noise.",
         "",

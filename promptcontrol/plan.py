@@ -29,6 +29,12 @@ class AttentionTerm:
     value_scale: torch.Tensor | None = None  # (B, K)
     value_map: torch.Tensor | None = None  # (B, K_keys, K)
     logit_bias: torch.Tensor | None = None  # (B, K_keys)
+    # ``qk_rows`` as host ints, where the builder knew them: lets :func:`prepare` pick rows by views (every row
+    # the same row, or each its own) instead of a copy at every site, without reading the device
+    qk_rows_host: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+    # host ints: the only rows this term's values are not zero at (``None``: any row); a later term of a plan then
+    # runs on those rows alone (Refine's own-map term: the edited rows, not the source's or the unconditional ones)
+    active_rows: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_plain(self) -> bool:
@@ -115,26 +121,75 @@ class PreparedTerm:
     value_scale: torch.Tensor | None  # (B, 1, K, 1)
     value_map: torch.Tensor | None  # (B, 1, K_keys, K): a batched matmul over heads (cheaper than einsum)
     logit_bias: torch.Tensor | None  # (B, 1, 1, K_keys)
+    one_row: int | None = None  # every one of ``batch`` rows takes this row's queries/keys: a broadcast view
+    batch: int = 0  # rows of the plan (with ``one_row``)
+    out_rows: slice | None = None  # the term runs on these rows only (its coefficients already cut to them)
 
 
 def prepare(plan: AttentionPlan, dtype: torch.dtype) -> tuple[PreparedTerm, ...]:
     """The plan's terms for inputs of ``dtype`` (the same casts :func:`run_plan` makes at every call).
 
     A term with both a per-token scale and a token mixing gets one matrix: ``M · diag(s) = M * s`` over its
-    columns (one kernel less at every site)."""
-    return tuple(_prepared_term(t, dtype) for t in plan.terms)
+    columns (one kernel less at every site). Rows known on the host (``qk_rows_host``) become views where they can:
+    every row taking one row's queries/keys is a broadcast (no copy), each row its own is no selection."""
+    terms = [_prepared_term(t, dtype) for t in plan.terms]
+    return tuple(terms[:1] + [_on_active_rows(t, p) for t, p in zip(terms[1:], plan.terms[1:])])
+
+
+def _on_active_rows(prepared: PreparedTerm, term: AttentionTerm) -> PreparedTerm:
+    """``prepared`` cut to its active rows where they are one run of rows of a term on each row's own queries (a
+    term after the first: its output is added into those rows of the sum)."""
+    rows, size = term.active_rows, _term_batch(term)
+    if rows is None or not rows or size is None or term.qk_rows is not None or len(rows) >= size:
+        return prepared
+    a, b = rows[0], rows[-1] + 1
+    if rows != tuple(range(a, b)):
+        return prepared
+    cut = lambda t: None if t is None else t[a:b]  # noqa: E731
+    return replace(prepared, value_scale=cut(prepared.value_scale), value_map=cut(prepared.value_map),
+                   logit_bias=cut(prepared.logit_bias), out_rows=slice(a, b))
+
+
+def _term_batch(term: AttentionTerm) -> int | None:
+    """The batch a term's coefficients are given for (``None``: no per-row coefficient)."""
+    for t in (term.value_scale, term.value_map, term.logit_bias):
+        if t is not None:
+            return int(t.shape[0])
+    return None
 
 
 def _prepared_term(t: AttentionTerm, dtype: torch.dtype) -> PreparedTerm:
     scale, value_map = t.value_scale, t.value_map  # (B, K), (B, K_keys, K)
     if scale is not None and value_map is not None:
         scale, value_map = None, value_map * scale[:, None, :]
+    qk_rows, one_row, batch = t.qk_rows, None, 0
+    rows = t.qk_rows_host if qk_rows is not None else None
+    if rows:
+        if rows == tuple(range(len(rows))):  # each row its own: no selection
+            qk_rows = None
+        elif all(r == rows[0] for r in rows):  # every row takes one row's: a broadcast view, no copy
+            qk_rows, one_row, batch = None, rows[0], len(rows)
     return PreparedTerm(
-        qk_rows=t.qk_rows,
+        qk_rows=qk_rows,
         value_scale=None if scale is None else scale.to(dtype)[:, None, :, None],
         value_map=None if value_map is None else value_map.to(dtype)[:, None],
         logit_bias=None if t.logit_bias is None else t.logit_bias.to(dtype)[:, None, None, :],
+        one_row=one_row,
+        batch=batch,
     )
+
+
+def _select_rows(x: torch.Tensor, term: PreparedTerm, keep_layout: bool = True) -> torch.Tensor:
+    """``x`` (B, ...) with each row replaced by the term's row: a broadcast view for one row, else a copy that
+    keeps the (B, heads, N, d) view's (B, N, heads, d) memory (so that SDPA's output has the layout the processor
+    reshapes without a copy, as stock's has)."""
+    if term.one_row is not None:  # narrow + expand: the cheapest views to make per call
+        if x.dim() == 4:
+            return x.narrow(0, term.one_row, 1).expand(term.batch, -1, -1, -1)
+        return x.narrow(0, term.one_row, 1).expand((term.batch,) + x.shape[1:])
+    if keep_layout and x.dim() == 4 and x.stride(1) < x.stride(2):
+        return x.transpose(1, 2).index_select(0, term.qk_rows).transpose(1, 2)
+    return x.index_select(0, term.qk_rows)
 
 
 def run_prepared(
@@ -145,22 +200,48 @@ def run_prepared(
     attention_mask: torch.Tensor | None,  # (B, heads, Q or 1, K) additive or boolean, or None
 ) -> torch.Tensor:  # (B, heads, Q, d)
     """:func:`run_plan` on prepared terms: the same SDPA calls on the same numbers (token mixing as a batched
-    matmul instead of an einsum, rows by ``index_select``: the same values, less per-call overhead)."""
+    matmul instead of an einsum, rows by views or ``index_select``: the same values, less per-call overhead)."""
     out = None
     for term in terms:
         q, k, mask, v = query, key, attention_mask, value
-        if term.qk_rows is not None:  # index_select: the rows' copy without advanced indexing's overhead
-            q, k = query.index_select(0, term.qk_rows), key.index_select(0, term.qk_rows)
-            mask = None if mask is None else mask.index_select(0, term.qk_rows)
+        if term.qk_rows is not None or term.one_row is not None:
+            q, k = _select_rows(query, term), _select_rows(key, term)
+            mask = None if mask is None or mask.shape[0] == 1 else _select_rows(mask, term, keep_layout=False)
+        elif term.out_rows is not None:  # own queries/keys of a run of rows: views
+            rows = term.out_rows
+            q, k, v = q[rows], k[rows], v[rows]
+            mask = None if mask is None or mask.shape[0] == 1 else mask[rows]
         if term.logit_bias is not None:
             mask = term.logit_bias if mask is None else _additive(mask, query.dtype) + term.logit_bias
         if term.value_scale is not None:
             v = v * term.value_scale
         if term.value_map is not None:
-            v = torch.matmul(term.value_map, v)  # (B, 1, K_keys, K) @ (B, heads, K, d)
+            v = _mixed(term.value_map, v)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
-        out = o if out is None else out + o
+        out = o if out is None else _add(out, o, term.out_rows)
     return out
+
+
+def _mixed(value_map: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``value_map`` (B, 1, K_keys, K) @ ``v`` (B, heads, K, d). Over the projection's (B, K, heads·d) memory, one
+    bmm for all heads (no copy of ``v`` nor of the map per head), its output in the same layout."""
+    b, heads, k, d = v.shape
+    dense = v.stride(1) == d and v.stride(2) == heads * d and v.stride(3) == 1 and v.stride(0) == k * heads * d
+    if dense and value_map.shape[0] == b:
+        mixed = torch.bmm(value_map[:, 0], v.transpose(1, 2).reshape(b, k, heads * d))  # (B, K_keys, heads·d)
+        return mixed.view(b, -1, heads, d).transpose(1, 2)
+    return torch.matmul(value_map, v)
+
+
+def _add(out: torch.Tensor, o: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """``out + o``, or ``o`` added into ``out``'s ``rows``: in place without autograd (a fresh SDPA sum), else a
+    new tensor (SDPA's backward keeps its output)."""
+    if rows is None:
+        return out + o
+    if not torch.is_grad_enabled():
+        out[rows].add_(o)  # into the view: one kernel (``out[rows] += o`` would copy it back as well)
+        return out
+    return torch.slice_scatter(out, out[rows] + o, 0, rows.start, rows.stop)
 
 
 def on_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -203,7 +284,9 @@ def attention_probs(
 ) -> torch.Tensor:  # (B, heads, Q, K), float32, rows sum to 1
     """Explicit softmax attention probabilities with SDPA's scale ``1/sqrt(d)``, computed in float32."""
     scale = query.shape[-1] ** -0.5
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if query.dtype != torch.float32:
+        query, key = query.float(), key.float()
+    logits = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # in place: a fresh tensor
     if attention_mask is not None:
         logits = logits + _additive(attention_mask, torch.float32).float()
     return logits.softmax(dim=-1)
@@ -225,7 +308,7 @@ def run_plan_on_probs(
 ) -> torch.Tensor:  # (B, heads, Q, d)
     """The same result as :func:`run_plan`, from already materialised probabilities (used where a recorder asked)."""
     if plan is IDENTITY:  # the common recording case: the same op as the loop below gives for a plain term
-        return torch.matmul(probs.to(value.dtype), value)
+        return torch.matmul(probs if probs.dtype == value.dtype else probs.to(value.dtype), value)
     out = None
     for term in plan.terms:
         o = torch.matmul(_term_probs(term, probs).to(value.dtype), transformed_values(term, value))

@@ -77,6 +77,7 @@ class InjectSelf(Controller):
         self._device: torch.device | str = "cpu"
         self._session: SessionView | None = None
         self._plan: AttentionPlan = IDENTITY
+        self._rows_plan: tuple[tuple[int, ...], AttentionPlan] | None = None  # the last rows and their plan
 
     def applies_to(self, site: AttentionSite) -> bool:
         """Self-attention sites of the chosen levels only (the session binds first, so defaults are known)."""
@@ -102,6 +103,7 @@ class InjectSelf(Controller):
 
     def unbind(self) -> None:
         self._plan = IDENTITY
+        self._rows_plan = None
         self._session = None
 
     def begin_step(self, ctx: StepContext) -> None:
@@ -113,10 +115,18 @@ class InjectSelf(Controller):
         pairs = edit_rows(ctx.layout)
         if not pairs:
             return
-        rows = torch.arange(ctx.batch_size)
+        rows = list(range(ctx.batch_size))
         for row, source_row in pairs:
             rows[row] = source_row
-        self._plan = AttentionPlan((AttentionTerm(qk_rows=row_index(rows, self._device, self._session)),))
+        self._plan = self._plan_for(tuple(rows))
+
+    def _plan_for(self, rows: tuple[int, ...]) -> AttentionPlan:
+        """The plan of ``rows`` (B,): the same object for the same rows, so that the sites' prepared form of it
+        is reused from step to step (see processors/attention.py)."""
+        if self._rows_plan is None or self._rows_plan[0] != rows:
+            index = row_index(torch.tensor(rows), self._device, self._session)
+            self._rows_plan = (rows, AttentionPlan((AttentionTerm(qk_rows=index, qk_rows_host=rows),)))
+        return self._rows_plan[1]
 
     def plan(self, site: AttentionSite, ctx: StepContext, plan: AttentionPlan) -> AttentionPlan:
         if self._plan.is_identity or not self._at_site(site):

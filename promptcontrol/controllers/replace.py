@@ -71,12 +71,14 @@ def edit_plan(
     all_ones = bool((first_scale == 1).all())
     first = AttentionTerm(  # built on the host, moved without a blocking copy
         qk_rows=row_index(qk_rows, device, owner),  # shared with InjectSelf's (same owner)
+        qk_rows_host=tuple(qk_rows.tolist()),  # host ints: the site can take a view instead of a copy
         value_scale=None if all_ones else on_device(first_scale, device),
         value_map=None if identity_map else on_device(value_map, device),
     )
     if not bool((second_scale != 0).any()):  # host tensors: no device read
         return AttentionPlan((first,))
-    return AttentionPlan((first, AttentionTerm(value_scale=on_device(second_scale, device))))
+    active = tuple(r for r in range(batch) if bool((second_scale[r] != 0).any()))  # host: no device read
+    return AttentionPlan((first, AttentionTerm(value_scale=on_device(second_scale, device), active_rows=active)))
 
 
 class PromptEdit(Controller):

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..context import SessionView, StepContext, batch_mismatch
-from ..plan import AttentionPlan
+from ..plan import AttentionPlan, on_device
 from ..recording import Recording, fold_place_level, old_step_tuple, to_grid
 from ..schedule import PLACES, site_filter, step_filter
 from ..sites import AttentionSite, grid_for, grid_from_length
@@ -134,6 +134,9 @@ class AttentionStore(Controller):
         self._row_index: dict[torch.device, torch.Tensor] = {}
         self._cond_rows: slice | None = None  # the conditional rows as a slice, when they are contiguous
         self._ones_cache: dict[tuple, torch.Tensor] = {}
+        # site key -> (probs shape, flat running sum (N, Q·K), select (N, B·heads), booking facts, probs' 2-D shape)
+        # for the current run: a site's accumulation in one kernel (see _accumulate)
+        self._fast: dict[str, tuple] = {}
         self._level_acc: dict[int, list] = {}  # level → [sum (N, Q, K) of head means, sites, grid] this step
         self._pending: list[tuple[str, str, torch.Tensor]] = []  # ("step" | "head", key, map) to move to the CPU
         self._host = HostCopies()  # per-step maps leave for the CPU without waiting; settled when read
@@ -179,6 +182,7 @@ class AttentionStore(Controller):
         self._recording = False
         self._row_index = {}
         self._ones_cache = {}
+        self._fast.clear()
 
     # ---- step bookkeeping --------------------------------------------------------------------------------
     def begin_step(self, ctx: StepContext) -> None:
@@ -186,6 +190,7 @@ class AttentionStore(Controller):
         if key != self._run_key:  # run_id changes exactly when a pipeline run (or reset_steps) starts
             self._run_id += 1
             self._current = None  # a new pipeline run: its images are appended when it first records
+            self._fast.clear()  # its sums are new tensors
         self._run_key = key
         layout = ctx.layout
         # conditional rows ordered by output image
@@ -284,7 +289,33 @@ class AttentionStore(Controller):
 
         Per call only tensor work and writes into containers that live for the session (the run, its sums, the
         step's pending maps); counts, grids and the timestep are booked at ``end_step``. No branch depends on the
-        step, so a compiled UNet keeps one graph for every recorded step after the first."""
+        step, so a compiled UNet keeps one graph for every recorded step after the first. From a site's second
+        recorded call in a run on (default store), one kernel: see :meth:`_accumulate`."""
+        fast = None if torch.compiler.is_compiling() else self._fast.get(site.key)
+        if fast is not None and probs.shape == fast[0]:
+            self._seen[site.key] = fast[3]
+            fast[1].addmm_(fast[2], probs.reshape(fast[4]))  # (N, Q·K) += (N, B·heads) @ (B·heads, Q·K)
+            return
+        self._record(site, ctx, probs)
+
+    def _accumulate(self, site: AttentionSite, probs: torch.Tensor) -> None:
+        """Set up the site's one-kernel accumulation for the rest of the run (outside torch.compile, default store):
+        ``sum (N, Q·K) += select (N, B·heads) @ probs (B·heads, Q·K)``, where ``select`` picks each image's
+        conditional row and sums its heads (exact zeros elsewhere) — no row slicing, no per-call shapes."""
+        total = self._current.sums.get(site.key) if self._current is not None else None
+        if torch.compiler.is_compiling() or total is None or not total.is_contiguous() or total.dtype != probs.dtype:
+            return
+        b, heads, q, k = probs.shape
+        n = len(self._rows)
+        select = torch.zeros(n, b * heads, dtype=probs.dtype)  # host-built, once per site and run
+        for image, row in enumerate(self._rows):
+            select[image, row * heads : (row + 1) * heads] = 1.0
+        select = on_device(select, probs.device)
+        self._fast[site.key] = (probs.shape, total.view(n, q * k), select, self._seen[site.key], (b * heads, q * k))
+
+    def _record(self, site: AttentionSite, ctx: StepContext, probs: torch.Tensor) -> None:
+        """:meth:`record` without the per-site accumulation set up (first call at a site, per-step / per-head maps,
+        a store ``device``, torch.compile)."""
         if probs.shape[0] != ctx.layout.size:
             raise ValueError(batch_mismatch(ctx, int(probs.shape[0])))
         run = self._current
@@ -299,11 +330,14 @@ class AttentionStore(Controller):
             # the sum over heads and the running sum in one kernel: (N, 1, Q·K) += (N, 1, heads) @ (N, heads, Q·K)
             n = cond.shape[0]
             total.view(n, 1, q * k).baddbmm_(self._ones(n, heads, cond), cond.reshape(n, heads, q * k))
+            self._accumulate(site, probs)
             return
         summed = cond.sum(dim=1)  # (N, Q, K)
         target = summed if self.device is None else summed.to(self.device)
         if total is None:
             run.sums[site.key] = target
+            if not keep_maps and self.device is None:
+                self._accumulate(site, probs)
         else:
             total += target
         if keep_maps:
@@ -406,3 +440,4 @@ class AttentionStore(Controller):
         self.runs, self.images = [], []
         self._current = None
         self._run_key = None
+        self._fast.clear()

@@ -26,17 +26,21 @@ class StepPlans:
     A controller whose ``plan_per_step`` is true returns the same plan at every site it acts at (given the same
     plan so far): the processors of sites with the same such controllers then compose the plan once per step, at
     the first of those sites, instead of once per site. Each plan is also kept prepared per dtype (casts and
-    broadcasting shapes done once). Everything is dropped when the step context changes.
+    broadcasting shapes done once); a plan object the controllers hand out again at the next step (an edit whose
+    windows did not change) keeps its prepared form. Everything else is dropped when the step context changes.
     """
 
     def __init__(self):
         self.ctx: StepContext | None = None
         self.plans: dict[tuple, AttentionPlan] = {}
-        self.prepared: dict[tuple, tuple[PreparedTerm, ...]] = {}
+        self.shared: dict[tuple, tuple[AttentionPlan, tuple[PreparedTerm, ...] | None]] = {}
+        self.prepared: dict[tuple, tuple[AttentionPlan, tuple[PreparedTerm, ...]]] = {}  # (id, dtype) -> (plan, terms)
+        self._last_prepared: dict[tuple, tuple[AttentionPlan, tuple[PreparedTerm, ...]]] = {}
 
     def _current(self, ctx: StepContext) -> None:
         if ctx is not self.ctx:
-            self.ctx, self.plans, self.prepared = ctx, {}, {}
+            self.ctx, self.plans, self.shared = ctx, {}, {}
+            self._last_prepared, self.prepared = self.prepared, {}
 
     def plan(self, ctx: StepContext, key: tuple, compose: Callable[[StepContext], AttentionPlan]) -> AttentionPlan:
         self._current(ctx)
@@ -45,14 +49,29 @@ class StepPlans:
             plan = self.plans[key] = compose(ctx)
         return plan
 
+    def plan_and_terms(
+        self, ctx: StepContext, key: tuple, compose: Callable[[StepContext], AttentionPlan], dtype: torch.dtype
+    ) -> tuple[AttentionPlan, tuple[PreparedTerm, ...] | None]:
+        """The step's shared plan of ``key`` and its prepared terms for ``dtype`` (``None`` for the identity): one
+        dictionary look-up per site once the first site of the step made them."""
+        if ctx is not self.ctx:
+            self._current(ctx)
+        entry = self.shared.get((key, dtype))
+        if entry is None:
+            plan = self.plan(ctx, key, compose)
+            entry = self.shared[(key, dtype)] = (plan, None if plan is IDENTITY else self.terms(ctx, plan, dtype))
+        return entry
+
     def terms(self, ctx: StepContext, plan: AttentionPlan, dtype: torch.dtype) -> tuple[PreparedTerm, ...]:
         self._current(ctx)
         key = (id(plan), dtype)
-        terms = self.prepared.get(key)
-        if terms is None:
-            terms = self.prepared[key] = prepare(plan, dtype)
-            self.plans[("keep", id(plan))] = plan  # keeps the id valid for the step
-        return terms
+        entry = self.prepared.get(key)
+        if entry is None:
+            entry = self._last_prepared.get(key)
+            if entry is None or entry[0] is not plan:  # the plan is kept in the entry: its id stays valid
+                entry = (plan, prepare(plan, dtype))
+            self.prepared[key] = entry
+        return entry[1]
 
 
 _STEP_PLANS: "weakref.WeakKeyDictionary[object, StepPlans]" = weakref.WeakKeyDictionary()
@@ -131,27 +150,46 @@ class ControlledAttnProcessor:
             return F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
-        # under torch.compile the plan is composed in the graph (traced once; the caches would guard on the step)
-        compiling = torch.compiler.is_compiling()
+        if torch.compiler.is_compiling():
+            return self._attend_traced(ctx, query, key, value, attention_mask)
+        terms = None
         if not self._planners:
             plan = IDENTITY
-        elif self._shared and not compiling:
-            plan = self._steps.plan(ctx, self._plan_key, self._compose)
+        elif self._shared:  # composed and prepared once per step, at the first of the sites that share it
+            plan, terms = self._steps.plan_and_terms(ctx, self._plan_key, self._compose, query.dtype)
         else:
             plan = self._compose(ctx)
-        recorders = [record for wants, record in self._askers if wants(self.site, ctx)] if self._askers else None
-        if not recorders:
-            if plan is IDENTITY:
-                return F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-                )
-            if compiling:
-                return run_plan(plan, query, key, value, attention_mask)
-            return run_prepared(self._steps.terms(ctx, plan, query.dtype), query, key, value, attention_mask)
+        if self._askers:
+            recorders = [record for wants, record in self._askers if wants(self.site, ctx)]
+            if recorders:
+                return self._record_and_attend(recorders, ctx, plan, query, key, value, attention_mask)
+        if plan is IDENTITY:
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        if terms is None:
+            terms = self._steps.terms(ctx, plan, query.dtype)
+        return run_prepared(terms, query, key, value, attention_mask)
+
+    def _record_and_attend(self, recorders, ctx, plan, query, key, value, attention_mask):
+        """Materialise the probabilities, hand them to ``recorders``, and attend with them under ``plan``."""
         probs = attention_probs(query, key, attention_mask)  # (B, heads, Q, K) float32
         for record in recorders:
             record(self.site, ctx, probs, plan)
         return run_plan_on_probs(plan, probs, value)
+
+    def _attend_traced(self, ctx, query, key, value, attention_mask):
+        """:meth:`_attend` while torch.compile traces: the plan is composed in the graph (traced once; the per-step
+        caches would guard on the step) and run unprepared."""
+        plan = self._compose(ctx) if self._planners else IDENTITY
+        recorders = [record for wants, record in self._askers if wants(self.site, ctx)] if self._askers else None
+        if recorders:
+            return self._record_and_attend(recorders, ctx, plan, query, key, value, attention_mask)
+        if plan is IDENTITY:
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        return run_plan(plan, query, key, value, attention_mask)
 
     def __call__(
         self,
