@@ -1,7 +1,8 @@
 """Builders of the embedded model's components: a Stable Diffusion 1.x architecture, only tiny.
 
-- ``AutoencoderKL``: 32×32 RGB ↔ 8×8×4 latent (3 levels, ×4), ~1 M parameters;
-- ``UNet2DConditionModel``: on the 8×8 latent, cross-attention at 8² and 4² (down, mid, up), ~3 M parameters;
+- ``AutoencoderKL``: 32×32 RGB ↔ 16×16×4 latent (2 levels, ×2), ~0.5 M parameters (the v2 model: 3 levels, ×4,
+  8×8 latent);
+- ``UNet2DConditionModel``: on the 16×16 latent, cross-attention at 16² and 8² (down, mid, up), ~4 M parameters;
 - ``CLIPTextModel``: 64 wide, ``TEXT_LAYERS`` causal layers, the real CLIP tokenizer (the package's copy);
 - ``DDIMScheduler`` with Stable Diffusion 1.x's betas, rescaled to zero terminal SNR, v-prediction, trailing
   timesteps (as Stable Diffusion 2.x's v-models and Lin et al. 2023 advise; see ``build_scheduler``).
@@ -29,9 +30,9 @@ class ToyConfig:
     """Every size of the toy model. Defaults are the shipped model."""
 
     image_size: int = 32
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels → latent = image / 4; (32, 64): image / 2 (16×16)
+    vae_channels: tuple[int, ...] = (32, 64)  # 2 levels → latent = image / 2 (16×16); v2's (32, 64, 64): image / 4
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 128)  # cross-attention at 8² and 4² (and the 4² mid block)
+    unet_channels: tuple[int, ...] = (64, 128)  # cross-attention at 16² and 8² (and the 8² mid block)
     unet_layers_per_block: int = 1
     unet_heads: tuple[int, ...] = (2, 4)  # heads per level; head dim = channels / heads = 32
     text_width: int = 64
