@@ -92,8 +92,8 @@ def _hand_report() -> evaluate.TruthReport:
                                object_pairs=((0.9, 0.8), (0.8, 0.85), (0.7, 0.5)),
                                layout_pairs=((0.9, 0.8), (0.8, 0.85), (0.7, 0.5)))
     weights = [evaluate.WeightTruth((0.5, 1.0, 2.0), (0.6, 0.7, 0.8), 0.875, 8, mode) for mode in evaluate.WEIGHT_MODES]
-    blend = BlendTruth(BlendScores((31.0, 35.0), (0.5, 0.7), "generated scenes"),
-                       BlendScores((28.0,), (0.25,), "inverted scenes"), (29.5,))
+    blend = BlendTruth(BlendScores((31.0, 35.0), (0.5, 0.7), "generated scenes", (True, False)),
+                       BlendScores((28.0,), (0.25,), "inverted scenes", (True,)), (29.5,))
     return evaluate.TruthReport(
         caption=evaluate.CaptionAccuracy(1.0, 0.99, 0.98, 0.97, 0.02, 48, 76, 53),
         heatmaps=evaluate.HeatmapTruth(0.61, 0.52, 0.96, 27, 44), edits=edits, weights=weights, blend=blend)
@@ -108,6 +108,7 @@ ISSUE_16_ROWS = {  # metric → target (issue 16's "Goal")
     "blend PSNR outside object, generated (mean)": ">= 30 dB", "blend PSNR outside object, generated (min)": ">= 30 dB",
     "blend PSNR outside object, inverted (mean)": ">= 30 dB", "blend PSNR outside object, inverted (min)": ">= 30 dB",
     "blend mask IoU with object, generated": "reported", "blend mask IoU with object, inverted": "reported",
+    "blend recoloured the object, generated": "all", "blend recoloured the object, inverted": "all",
 }
 
 
@@ -129,6 +130,7 @@ def test_the_table_shows_every_row_of_issue_16_with_its_target():
     assert rows["blend PSNR outside object, generated (min)"][0] == pytest.approx(31.0)
     assert rows["blend mask IoU with object, generated"][0] == pytest.approx(0.6)
     assert rows["blend PSNR outside object, inverted (min)"][0] == pytest.approx(28.0)
+    assert rows["blend recoloured the object, generated"][0] == pytest.approx(0.5)  # an edit that kept everything
     assert "generated scenes" in rows["blend PSNR outside object, generated (mean)"][2]  # the scenes are named
     # the older meaning stays: swapped-object IoU rows are still there
     assert rows["swap IoU, pc.edit 0.8/0.4"][0] == 0.86 and rows["swap IoU, plain prompt change"][0] == 0.80
@@ -307,3 +309,23 @@ def test_blend_truth_on_a_flow_model_measures_the_generated_swaps_and_says_why_n
     assert calls == [(1, 5)] and rows["blend PSNR outside object, generated (mean)"][0] == 31.0
     assert math.isnan(rows["blend PSNR outside object, inverted (mean)"][0])
     assert "needs a UNet model" in rows["blend PSNR outside object, inverted (mean)"][1]
+
+
+def test_a_blend_edit_that_changes_nothing_keeps_everything_outside_but_is_not_recoloured():
+    """The PSNR row alone would reward an edit that does nothing (inf dB): the recoloured flag tells it apart."""
+    from promptcontrol.toy import blend_truth as bt
+
+    sample = world.dataset(1, 2024, n_objects=2)[0]
+    swap = bt.blend_swap(sample)
+    image = np.asarray(sample.image)
+
+    class Result:
+        controllers = [bt.BlendRule().controller([[swap.source_phrase], [swap.edited_phrase]])]
+
+    psnr, _, recoloured = bt._score(image, image, image, Result(), swap)
+    assert psnr == math.inf and recoloured is False
+    from dataclasses import replace
+
+    scene = world.Scene((replace(sample.scene.objects[0], colour=swap.new), *sample.scene.objects[1:]))
+    edited, _ = world.render(scene)
+    assert bt._score(image, edited, image, Result(), swap)[2] is True

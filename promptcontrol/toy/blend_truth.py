@@ -162,6 +162,7 @@ class BlendScores:
     psnr: tuple[float, ...]  # dB outside the object, per swap
     mask_iou: tuple[float, ...]  # blend mask vs object mask, per swap (nan when no mask was made)
     scenes: str  # which scenes and seeds, e.g. "world.dataset(8, 2024, n_objects=2), generator seeds 2024..2031"
+    recoloured: tuple[bool, ...] = ()  # per swap: the edit drew the object's new colour (else PSNR says nothing)
 
     @property
     def n(self) -> int:
@@ -174,6 +175,10 @@ class BlendScores:
     @property
     def min_psnr(self) -> float:
         return float(np.min(self.psnr)) if self.psnr else float("nan")
+
+    @property
+    def recoloured_share(self) -> float:
+        return float(np.mean(self.recoloured)) if self.recoloured else float("nan")
 
     @property
     def mean_mask_iou(self) -> float:
@@ -201,12 +206,15 @@ def _last_blend_mask(result) -> np.ndarray | None:
     return (mask[0, 0] | mask[1, 0]).cpu().numpy()
 
 
-def _score(reference, edited, source, result, swap: BlendSwap) -> tuple[float, float]:
-    """(PSNR of ``edited`` against ``reference`` outside the object mask, blend mask IoU with that mask); the
-    mask is the object's segment in ``source`` OR in ``edited``."""
+def _score(reference, edited, source, result, swap: BlendSwap) -> tuple[float, float, bool]:
+    """(PSNR of ``edited`` against ``reference`` outside the object mask, blend mask IoU with that mask, whether
+    ``edited`` drew the new colour); the mask is the object's segment in ``source`` OR in ``edited``. An edit that
+    changes nothing keeps everything outside too: the recoloured flag tells it apart."""
     mask = object_mask(as_uint8(source), as_uint8(edited), swap.old, swap.new)
     blend = _last_blend_mask(result)
-    return psnr_outside(reference, edited, mask), float("nan") if blend is None else blend_mask_iou(blend, mask)
+    recoloured = segment(as_uint8(edited)).get(swap.new) is not None
+    iou_ = float("nan") if blend is None else blend_mask_iou(blend, mask)
+    return psnr_outside(reference, edited, mask), iou_, recoloured
 
 
 def _blend_edit(pipe, source, swap: BlendSwap, rule: BlendRule, **kwargs):
@@ -221,15 +229,13 @@ def _blend_edit(pipe, source, swap: BlendSwap, rule: BlendRule, **kwargs):
 @torch.no_grad()
 def generated_blends(pipe, n: int, seed: int, *, steps: int = 20, rule: BlendRule = BlendRule()) -> BlendScores:
     """Local-blend swaps of generated scenes (swap j from generator seed ``seed + j``) against their source."""
-    psnrs, ious = [], []
+    scores = []
     for j, sample in enumerate(blend_samples(n, seed)):
         swap = blend_swap(sample)
         result = _blend_edit(pipe, swap.source, swap, rule, seed=seed + j, num_inference_steps=steps)
-        p, m = _score(result.images[0], result.images[1], result.images[0], result, swap)
-        psnrs.append(p)
-        ious.append(m)
+        scores.append(_score(result.images[0], result.images[1], result.images[0], result, swap))
     scenes = f"world.dataset({n}, {seed}, n_objects=2), generator seeds {_seed_span(seed, n)}"
-    return BlendScores(tuple(psnrs), tuple(ious), scenes)
+    return _scores(scores, scenes)
 
 
 def inverted_blends(pipe, n: int, seed: int, *, steps: int = 20,
@@ -238,19 +244,23 @@ def inverted_blends(pipe, n: int, seed: int, *, steps: int = 20,
     reconstructions' whole-image PSNR against the rendered input."""
     from ..inversion import invert, psnr
 
-    psnrs, ious, recon = [], [], []
+    scores, recon = [], []
     for sample in blend_samples(n, seed):
         swap = blend_swap(sample)
         inv = invert(pipe, sample.image, swap.source, steps=steps, method="null-text", progress=False)
         with torch.no_grad():
             result = _blend_edit(pipe, inv, swap, rule)
         rebuilt = as_uint8(inv.reconstruction)
-        p, m = _score(rebuilt, result.images[1], sample.image, result, swap)
-        psnrs.append(p)
-        ious.append(m)
+        scores.append(_score(rebuilt, result.images[1], sample.image, result, swap))
         recon.append(psnr(sample.image, rebuilt))
     scenes = f"world.dataset({n}, {seed}, n_objects=2) rendered, null-text inverted"
-    return BlendScores(tuple(psnrs), tuple(ious), scenes), tuple(recon)
+    return _scores(scores, scenes), tuple(recon)
+
+
+def _scores(per_swap: list[tuple[float, float, bool]], scenes: str) -> BlendScores:
+    """:class:`BlendScores` from ``_score``'s (PSNR, mask IoU, recoloured) per swap."""
+    psnrs, ious, recoloured = zip(*per_swap) if per_swap else ((), (), ())
+    return BlendScores(tuple(psnrs), tuple(ious), scenes, tuple(recoloured))
 
 
 def blend_truth(pipe, *, n_generated: int, n_inverted: int, blend_seed: int, invert_seed: int,
@@ -270,7 +280,8 @@ def blend_rows(b: BlendTruth) -> list[tuple[str, float, str, str]]:
         over = f"{s.n} swaps {against}; {s.scenes}"
         rows += [(f"blend PSNR outside object, {kind} (mean)", s.mean_psnr, PSNR_TARGET, over),
                  (f"blend PSNR outside object, {kind} (min)", s.min_psnr, PSNR_TARGET, f"{s.n} swaps"),
-                 (f"blend mask IoU with object, {kind}", s.mean_mask_iou, "reported", f"{s.n} swaps")]
+                 (f"blend mask IoU with object, {kind}", s.mean_mask_iou, "reported", f"{s.n} swaps"),
+                 (f"blend recoloured the object, {kind}", s.recoloured_share, "all", f"{s.n} swaps")]
     recon = float(np.mean(b.reconstruction_psnr)) if b.reconstruction_psnr else float("nan")
     rows.append(("inversion reconstruction PSNR", recon, "-", f"{len(b.reconstruction_psnr)} images vs input"))
     return rows

@@ -167,8 +167,11 @@ class MapRule:
         return f"{'every site but mid' if self.sites is None else self.sites}, {self.weighting} weighting"
 
 
-MAP_RULE = MapRule(_best_sites, "level")
-"""The map rule of ``evaluate`` (see docs/embedded-model.md, "Map rule", for the measurement it was chosen on)."""
+MAP_RULE = MapRule(None, "resolution")
+"""The map rule of ``evaluate``: every recorded site but the mid block's (``heatmaps``' default sites), levels
+weighted ∝ their h·w. Chosen on tuning sets no reported number uses (``scripts/choose_rules.sh``: map captions
+``eval_samples(16, 5151)``) against issue 6's ``_best_sites`` and the other weightings; docs/embedded-model.md,
+"Map rule", has the table. On a transformer (one token grid) it is every joint block."""
 
 
 def _occurrence(words: list[str], index: int) -> int:
