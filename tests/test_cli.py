@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import promptcontrol as pc
@@ -439,3 +440,28 @@ def test_a_delegated_command_gets_the_rest_of_the_command_line(monkeypatch, caps
     with pytest.raises(SystemExit):
         cli_module.main(["--help"])
     assert "a command with its own parser" in capsys.readouterr().out
+
+
+def test_inspect_weighting_resolution_writes_the_maps_of_that_weighting(model_dir, tmp_path):
+    """``--weighting resolution``: the saved maps are ``tr.heatmaps(weighting="resolution")`` of the same run, and
+    differ from the default ``level`` weighting's (the tiny model has two levels)."""
+    from safetensors.torch import load_file
+
+    from promptcontrol.cli import main
+
+    outs = {w: tmp_path / w for w in ("level", "resolution")}
+    for w, out in outs.items():
+        assert main(["inspect", "a red circle", "--weighting", w, *map(str, common(model_dir, out))]) == 0
+    pipe = pc.load_pipeline(str(model_dir), device="cpu")
+    with pc.trace(pipe) as tr:
+        pipe("a red circle", num_inference_steps=2, width=32, height=48, generator=torch.Generator().manual_seed(0))
+    for w, out in outs.items():
+        saved = load_file(str(out / "image_maps.safetensors"))
+        expected = tr.heatmaps(weighting=w)
+        for word in ("red", "circle"):
+            torch.testing.assert_close(saved[next(k for k in saved if k.endswith(f"_{word}"))], expected[word].tensor,
+                                       atol=1e-5, rtol=0)
+    a = load_file(str(outs["level"] / "image_maps.safetensors"))
+    b = load_file(str(outs["resolution"] / "image_maps.safetensors"))
+    assert any((a[k] - b[k]).abs().max() > 1e-3 for k in a)
+    assert json.loads((outs["resolution"] / "run.json").read_text())["parameters"]["weighting"] == "resolution"

@@ -25,6 +25,9 @@ def add_inspect(sub) -> None:
     p.add_argument("--words", nargs="+", default=None, help="words or phrases to draw (default: every word)")
     p.add_argument("--per-step", action="store_true", help="also record per-step maps and draw a strip per word")
     p.add_argument("--normalize", default="word", choices=["word", "global", "none"])
+    p.add_argument("--weighting", default="level", choices=["level", "resolution", "layer"],
+                   help="how levels are averaged: level (default: each level the same), resolution (∝ a level's "
+                        "h·w: finer maps count more), layer (each site the same); see docs/inspect.md")
     common_options(p)
     p.set_defaults(run=run_inspect)
 
@@ -151,7 +154,8 @@ def run_inspect(args: argparse.Namespace) -> list[str]:
 def _draw_maps(args: argparse.Namespace, run, tr, i: int, image, stem: str) -> list[str]:
     """Image ``i``, its grid, its maps file, an overlay per word (and a per-step strip); returns the files."""
     image.save(run.file(f"{stem}.png"))
-    maps = tr.heatmaps(image_index=i, normalize=None if args.normalize == "none" else args.normalize)
+    maps = tr.heatmaps(image_index=i, normalize=None if args.normalize == "none" else args.normalize,
+                       weighting=args.weighting)
     words = args.words or maps.words
     maps.grid(image, words=words).save(run.file(f"{stem}_grid.png"))
     maps.save(run.file(f"{stem}_maps.safetensors"))
