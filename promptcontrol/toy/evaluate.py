@@ -347,8 +347,13 @@ class PromptSets:
                        invert_seed=self.invert_seed + offset)
 
 
-BLEND_RULE = BlendRule()
-"""The local-blend mask rule of ``evaluate`` (see docs/embedded-model.md, "Blend rule")."""
+BLEND_RULE = BlendRule(0.6, (0, 1))
+"""The local-blend mask rule of ``evaluate``: threshold 0.6 of the map's maximum on the maps of levels 0 and 1 (on
+the embedded UNet model every down / up cross-attention level; on a transformer its one level). Chosen on tuning
+scenes no reported number uses (``scripts/choose_rules.sh``: ``world.dataset(4, 3030)`` generated, ``(2, 3031)``
+inverted) among thresholds 0.3–0.6 × levels {coarsest (``pc.LocalBlend``'s default, prompt-to-prompt's), 0 + 1,
+0}; docs/embedded-model.md, "Blend rule", has the table. ``pc.LocalBlend``'s own defaults stay
+prompt-to-prompt's."""
 
 WEIGHT_MODES = ("attention", "embedding")
 """pc.generate's default (the P2P equalizer) and A1111's embedding scaling: both measured, as they differ here."""
