@@ -31,7 +31,7 @@ def test_a_run_writes_a_loadable_v_prediction_pipeline(run_dir):
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
     assert pipe.unet.dtype == torch.float32  # loaded in float32 on the CPU, though written in float16
-    assert pipe.vae.config.block_out_channels == [32, 64, 64] and pipe.unet.config.sample_size == 8  # v2's shape
+    assert pipe.vae.config.block_out_channels == [32, 64] and pipe.unet.config.sample_size == 16  # v3: ToyConfig()
 
 
 def test_zero_snr_schedule_starts_sampling_from_pure_noise():
