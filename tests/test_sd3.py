@@ -447,3 +447,27 @@ def test_prompt_editing_swaps_the_text_and_the_pooled_vector_like_the_pipelines_
     torch.testing.assert_close(torch.as_tensor(edited), expected, atol=1e-5, rtol=0)
     text_only = sd3("a red circle", generator=torch.Generator().manual_seed(0), **run).images
     assert not torch.allclose(torch.as_tensor(edited), text_only, atol=1e-5)  # the switch changed the image
+
+
+def test_embedding_mode_on_joint_attention_warns_that_the_text_streams_layernorm_undoes_it(sd3):
+    """SD3's text stream is LayerNormed before every block's attention and feed-forward: a per-token scale of the
+    embedder's output (bias left out) is removed exactly, which is why A1111's embedding weights barely act there.
+    pc.generate(mode="embedding") says so; the attention mode does not warn."""
+    import warnings
+
+    from promptcontrol.controllers.reweight import JOINT_EMBEDDING_WARNING
+
+    hidden = torch.randn(1, 5, sd3.transformer.config.joint_attention_dim)
+    emb = sd3.transformer.context_embedder
+    scaled = hidden.clone()
+    scaled[:, 2] *= 2.0
+    ln = torch.nn.LayerNorm(emb.out_features, elementwise_affine=False, eps=1e-6)  # AdaLayerNormZero's norm
+    no_bias = lambda x: x @ emb.weight.T  # noqa: E731
+    torch.testing.assert_close(ln(no_bias(scaled)), ln(no_bias(hidden)), atol=1e-4, rtol=0)  # the scale is gone
+    assert not torch.allclose(no_bias(scaled), no_bias(hidden))
+    with pytest.warns(UserWarning, match="LayerNorm") as caught:
+        pc.generate(sd3, "a (red:1.6) car", mode="embedding", seed=0, num_inference_steps=1, output_type="np")
+    assert any(str(w.message) == JOINT_EMBEDDING_WARNING for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pc.generate(sd3, "a (red:1.6) car", mode="attention", seed=0, num_inference_steps=1, output_type="np")

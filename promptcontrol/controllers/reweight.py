@@ -40,6 +40,12 @@ from ..tokens import (
 from .base import Controller
 
 MODES = ("attention", "softmax", "embedding")
+JOINT_EMBEDDING_WARNING = (
+    "Reweight mode='embedding' on joint attention (SD3 / SD3.5 / Flux): the text stream enters every block through "
+    "a LayerNorm (norm1_context after the linear context_embedder), which removes a per-token scale but for the "
+    "embedder bias's share, so this mode barely changes the image (measured on toy-sd3: no colour rises; "
+    "docs/embedded-model.md). Use mode='attention' or 'softmax' there"
+)
 
 Key = Union[str, int, tuple]  # a word/phrase, a token position, or (word, occurrence)
 Weights = Mapping[Key, float]
@@ -197,6 +203,8 @@ class Reweight(Controller):
     def bind(self, session: SessionView) -> None:
         self._session = session
         self._reset()
+        if self.mode == "embedding" and any(site.kind == "joint" for site in session.sites):
+            warnings.warn(JOINT_EMBEDDING_WARNING, UserWarning, stacklevel=2)
 
     def unbind(self) -> None:
         self._session = None
