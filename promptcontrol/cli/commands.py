@@ -268,8 +268,8 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
         report = (evaluate.evaluate(pipe, sets=sets, parts=parts, steps=args.steps, guidance_scale=args.guidance,
                                     progress=progress, map_rule=map_rule, blend_rule=blend_rule,
                                     by_level=args.maps_by_level)
-                  if parts else evaluate.TruthReport(settings={"steps": args.steps, "guidance_scale": args.guidance,
-                                                               "map_rule": str(map_rule), "seed": sets.seed}))
+                  if parts else evaluate.TruthReport(settings=evaluate.report_settings(
+                      sets, args.steps, args.guidance, map_rule, blend_rule)))
     except ValueError as error:
         if "no recorded site matches" not in str(error):
             raise
@@ -320,8 +320,6 @@ def _evaluate_rules(args: argparse.Namespace, evaluate) -> tuple[Any, Any]:
     ``--blend-levels`` (each left out: the default rule's part)."""
     from dataclasses import replace
 
-    from ..toy.blend_truth import BlendRule
-
     map_rule = evaluate.MAP_RULE
     if args.map_sites is not None:
         try:
@@ -331,14 +329,10 @@ def _evaluate_rules(args: argparse.Namespace, evaluate) -> tuple[Any, Any]:
         map_rule = replace(map_rule, sites=sites)
     if args.map_weighting is not None:
         map_rule = replace(map_rule, weighting=args.map_weighting)
-    default = evaluate.BLEND_RULE
     try:
-        blend_rule = BlendRule.parse(default.threshold if args.blend_threshold is None else args.blend_threshold,
-                                     None if args.blend_levels is None else args.blend_levels)
+        blend_rule = evaluate.BLEND_RULE.with_options(args.blend_threshold, args.blend_levels)
     except ValueError as error:
         raise CliError(str(error), "--blend-threshold takes a number in [0, 1), --blend-levels ints") from None
-    if args.blend_levels is None:
-        blend_rule = replace(blend_rule, levels=default.levels)
     return map_rule, blend_rule
 
 

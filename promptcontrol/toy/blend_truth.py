@@ -88,9 +88,13 @@ def blend_mask_iou(latent_mask: np.ndarray, object_mask: np.ndarray) -> float:
 def object_mask(before: np.ndarray, after: np.ndarray, old: str, new: str) -> np.ndarray:
     """(H, W) bool: the edited object's segment in ``before`` (colour ``old``) OR in ``after`` (colour ``new``);
     empty where neither is drawn."""
-    mask = np.zeros(before.shape[:2], bool)
-    for image, colour in ((before, old), (after, new)):
-        seg = segment(as_uint8(image)).get(colour)
+    return _union(segment(as_uint8(before)).get(old), segment(as_uint8(after)).get(new), before.shape[:2])
+
+
+def _union(a, b, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: segment ``a``'s mask OR segment ``b``'s (either may be ``None``)."""
+    mask = np.zeros(shape, bool)
+    for seg in (a, b):
         if seg is not None:
             mask |= seg.mask
     return mask
@@ -115,14 +119,15 @@ class BlendRule:
         levels = "default" if self.levels is None else "+".join(str(v) for v in self.levels)
         return f"{self.threshold:g}@{levels}"
 
-    @classmethod
-    def parse(cls, threshold: float, levels: list[str] | None) -> "BlendRule":
-        """From ``--blend-threshold`` and ``--blend-levels`` (ints >= 0; ``None``: the default level)."""
+    def with_options(self, threshold: float | None = None, levels: list[str] | None = None) -> "BlendRule":
+        """This rule with ``--blend-threshold`` and / or ``--blend-levels`` (ints >= 0) put in; ``None`` keeps
+        this rule's part. ``ValueError`` names a bad one."""
         if levels is not None and not all(v.isdigit() for v in levels):
             raise ValueError(f"blend levels {levels} are not levels (ints 0, 1, ...), e.g. 0 1")
-        if not 0.0 <= threshold < 1.0:
+        if threshold is not None and not 0.0 <= threshold < 1.0:
             raise ValueError(f"blend threshold {threshold} is not a share of the map's maximum in [0, 1)")
-        return cls(float(threshold), None if levels is None else tuple(int(v) for v in levels))
+        return BlendRule(self.threshold if threshold is None else float(threshold),
+                         self.levels if levels is None else tuple(int(v) for v in levels))
 
 
 @dataclass(frozen=True)
@@ -210,9 +215,11 @@ def _score(reference, edited, source, result, swap: BlendSwap) -> tuple[float, f
     """(PSNR of ``edited`` against ``reference`` outside the object mask, blend mask IoU with that mask, whether
     ``edited`` drew the new colour); the mask is the object's segment in ``source`` OR in ``edited``. An edit that
     changes nothing keeps everything outside too: the recoloured flag tells it apart."""
-    mask = object_mask(as_uint8(source), as_uint8(edited), swap.old, swap.new)
+    after = as_uint8(edited)
+    drawn = segment(after).get(swap.new)  # the edited object in its new colour (None: not drawn)
+    mask = _union(segment(as_uint8(source)).get(swap.old), drawn, after.shape[:2])  # object_mask, segmented once
     blend = _last_blend_mask(result)
-    recoloured = segment(as_uint8(edited)).get(swap.new) is not None
+    recoloured = drawn is not None
     iou_ = float("nan") if blend is None else blend_mask_iou(blend, mask)
     return psnr_outside(reference, edited, mask), iou_, recoloured
 

@@ -21,7 +21,7 @@ a :class:`~.blend_truth.BlendRule`, default :data:`BLEND_RULE`) is in :mod:`prom
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -337,11 +337,8 @@ class PromptSets:
     blend_seed: int = 2024  # fresh: used by no other part (world.dataset(blends, 2024, n_objects=2))
     invert_seed: int = 2025  # fresh: world.dataset(inversions, 2025, n_objects=2)
 
-
     def shifted(self, offset: int) -> "PromptSets":
         """The same sets with every seed + ``offset`` (fresh prompts and seeds for a report)."""
-        from dataclasses import replace
-
         return replace(self, seed=self.seed + offset, swap_seed=self.swap_seed + offset,
                        weight_seed=self.weight_seed + offset, blend_seed=self.blend_seed + offset,
                        invert_seed=self.invert_seed + offset)
@@ -385,9 +382,7 @@ def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = 
     if by_level and "maps" not in parts:
         raise ValueError("the by-level breakdown scores the maps part: add 'maps' to the parts")
     pipe.set_progress_bar_config(disable=True)
-    settings = {"steps": steps, "guidance_scale": guidance_scale, "map_rule": str(map_rule),
-                "blend_rule": str(blend_rule), **asdict(sets)}
-    report = TruthReport(settings=settings)
+    report = TruthReport(settings=report_settings(sets, steps, guidance_scale, map_rule, blend_rule))
     for part in PARTS:
         if part not in parts:
             continue
@@ -395,6 +390,13 @@ def evaluate(pipe, *, sets: PromptSets = PromptSets(), parts: tuple[str, ...] = 
             progress(part)
         _measure(report, part, pipe, sets, steps, guidance_scale, map_rule, blend_rule, by_level)
     return report
+
+
+def report_settings(sets: PromptSets, steps: int, guidance_scale: float, map_rule: MapRule,
+                    blend_rule: BlendRule) -> dict:
+    """The settings line of a report: steps, guidance, both rules and every prompt set's size and seed."""
+    return {"steps": steps, "guidance_scale": guidance_scale, "map_rule": str(map_rule),
+            "blend_rule": str(blend_rule), **asdict(sets)}
 
 
 def _measure(report: TruthReport, part: str, pipe, sets: PromptSets, steps: int, guidance_scale: float,
